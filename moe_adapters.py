@@ -130,8 +130,8 @@ METHOD_OVERRIDES = {  # the baselines run in the same loop
     "moe-adapters": dict(),
 }
 # fields that do not change what a run computes (may differ between a checkpoint and --resume)
-RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "workers", "device", "data_root", "download",
-                   "clip_cache", "eval_batch_size"}
+RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "device", "data_root", "download",
+                   "clip_cache", "eval_batch_size"}  # (--workers stays: with 0 the random crops use the main RNG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,8 +187,15 @@ def validate(cfg: Config) -> None:
     for name in ("tasks", "experts", "top_k", "bottleneck", "epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for f in fields(Config):
+        if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     if cfg.lr <= 0:
         raise UsageError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.workers < 0 or cfg.freeze_top < 1:
+        raise UsageError("--workers must be >= 0 and --freeze-top >= 1")
     if cfg.top_k > cfg.experts:
         raise UsageError(f"--top-k {cfg.top_k} is greater than --experts {cfg.experts}: choose top-k <= experts")
     if cfg.freeze and cfg.freeze_top > cfg.experts:
@@ -274,8 +281,6 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
         else:
             url = clip.clip._MODELS[cfg.clip_model]
             source = cfg.clip_model
-            if not os.path.isfile(os.path.join(cache, os.path.basename(url))):
-                print(f"downloading {cfg.clip_model} weights into {cache} ...", file=sys.stderr)
         try:
             model, _ = clip.load(source, device="cpu", jit=False, download_root=cache)
         except UsageError:
@@ -284,8 +289,9 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
             if weights:
                 raise UsageError(f"--clip-weights {weights} is not a readable CLIP checkpoint "
                                  f"({type(e).__name__}): pass an OpenAI .pt file or 'random'") from None
-            raise UsageError(f"cannot download the {cfg.clip_model} weights ({type(e).__name__}: {e}): put "
-                             f"{os.path.basename(url)} from {url} into {cache}/ or pass --clip-weights PATH") from None
+            raise UsageError(f"{cfg.clip_model} weights are not in {cache} and the download failed "
+                             f"({type(e).__name__}: {getattr(e, 'reason', e)}): fetch {url} into {cache}/ "
+                             f"or pass --clip-weights PATH") from None
         if not isinstance(model.visual, clip.model.VisionTransformer):
             raise UsageError("the CLIP checkpoint has a ResNet image tower: MoE-Adapters needs a ViT CLIP")
     model.float().eval()  # fp32 everywhere, as the authors (spec 1)
@@ -513,7 +519,7 @@ def parameter_table(model: nn.Module) -> dict:
 def mixture_loop(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
     y = torch.zeros_like(x)
     for e in range(w_down.shape[0]):
-        n, j = ((idx == e) & (w > 0)).nonzero(as_tuple=True)            # samples that chose expert e
+        n, j = (idx == e).nonzero(as_tuple=True)                         # samples that chose expert e
         if n.numel() == 0:
             continue
         h = F.dropout(F.relu(x[:, n] @ w_down[e] + b_down[e]), p_drop, training=p_drop > 0)  # [L, n_e, r]
@@ -913,7 +919,7 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         for a in adapters(model):
             a.freeze_most_used()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1081,7 +1087,7 @@ def load_checkpoint(path: str, model: nn.Module | None, cfg: Config) -> dict:
 # Command line and main: the task loop, the dry run and the offline demo.
 # ------------------------------------------------------------------------------------------------
 
-def prepare_output_dir(cfg: Config) -> str:
+def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     """Never overwrite a saved run silently: a folder that holds one needs --resume or --overwrite."""
     if not cfg.output_dir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1096,6 +1102,8 @@ def prepare_output_dir(cfg: Config) -> str:
     if saved and not cfg.resume and not cfg.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(saved)}): add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --output-dir")
+    if check_only:
+        return out
     os.makedirs(out, exist_ok=True)
     if cfg.overwrite:
         for f in saved:
@@ -1122,21 +1130,23 @@ def run(cfg: Config) -> dict:
     if cfg.dry_run:
         return dry_run(cfg)
     device = resolve_device(cfg)
-    out = prepare_output_dir(cfg)
+    if cfg.resume or cfg.output_dir:
+        prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
     model = load_clip(cfg)
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     model.to(device)
     bench = load_benchmark(cfg, model.visual.input_resolution)
+    out = prepare_output_dir(cfg)
     T = len(bench.splits)
-    atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     state, ckpt_path = {"matrix": [], "counts": [], "rows": []}, os.path.join(out, "checkpoint.pt")
-    if cfg.resume:
+    if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
         ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg)
         state = {k: ckpt[k] for k in ("matrix", "counts", "rows")}
         model.to(device)
         write_metrics(out, state, T)
         print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
+    atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     for t in range(len(state["rows"]), T):
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device)

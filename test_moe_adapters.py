@@ -1,0 +1,928 @@
+"""Tests of moe_adapters.py (offline, CPU, well under 4 minutes on 2 cores).
+
+    python -m pytest -q test_moe_adapters.py
+
+No CLIP weights and no real dataset are needed: the tiny CLIP (random weights, or pretrained once per session
+into a temporary --clip-cache), the synthetic world (shrunk for speed where the numbers do not matter) and fake
+CIFAR-100 / Tiny-ImageNet folders written in torchvision's on-disk layout.
+"""
+import copy
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import moe_adapters as M  # first: it silences clip's pkg_resources warning
+import clip.model  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_adapters.py")
+CPU = torch.device("cpu")
+
+# A shrunken synthetic world for runs whose numbers do not matter (12 training and 6 test images per class
+# instead of 120 / 50): monkeypatched module constants, read by load_synthetic at call time.
+SMALL_TRAIN_PER_CLASS, SMALL_TEST_PER_CLASS = 12, 6
+
+# The small synthetic run shared by the resume and the error tests: full method (22 experts, per-task
+# routers, activate-freeze), tiny CLIP with random weights, 4 tasks, one epoch, 3 steps (+1) per task.
+SMALL_RUN_ARGS = ["--dataset", "synthetic", "--tasks", "4", "--preset", "full", "--clip-model", "tiny",
+                  "--clip-weights", "random", "--epochs", "1", "--batch-size", "32", "--workers", "0"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake datasets in torchvision's exact on-disk layout (from the team's fake_data helper).
+# ------------------------------------------------------------------------------------------------
+
+# The 20 CIFAR-100 superclasses (alphabetical), each with its 5 fine classes.
+_SUPER = {
+    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe",
+    "insects": "bee beetle butterfly caterpillar cockroach", "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk",
+    "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+COARSE_NAMES = sorted(_SUPER)
+FINE_NAMES = sorted(n for v in _SUPER.values() for n in v.split())
+_FINE_TO_COARSE = {n: COARSE_NAMES.index(c) for c, v in _SUPER.items() for n in v.split()}
+
+
+def write_fake_cifar100(root, train_per_class=2, test_per_class=1, seed=0):
+    """Write root/cifar-100-python/{train,test,meta} as torchvision.datasets.CIFAR100 reads them.
+
+    Every pixel of sample i of a split: R = fine label (0..99), G = i % 256, B = coarse label (0..19).
+    Samples are shuffled. Dict keys are str. The md5 checks fail: patch torchvision.datasets.cifar.check_integrity.
+    """
+    rng, base, out = np.random.default_rng(seed), os.path.join(root, "cifar-100-python"), {"classes": list(FINE_NAMES)}
+    os.makedirs(base, exist_ok=True)
+    for split, per in (("train", train_per_class), ("test", test_per_class)):
+        fine = rng.permutation(np.repeat(np.arange(100), per)).tolist()
+        coarse = [_FINE_TO_COARSE[FINE_NAMES[f]] for f in fine]
+        rgb = np.stack([fine, np.arange(len(fine)) % 256, coarse], axis=1).astype(np.uint8)  # N x 3
+        data = np.repeat(rgb, 1024, axis=1)  # each row: 1024 R, then 1024 G, then 1024 B (CHW, 32x32)
+        entry = {"batch_label": f"{split} batch 1 of 1", "data": data,
+                 "fine_labels": fine, "coarse_labels": coarse,
+                 "filenames": [f"{FINE_NAMES[f]}_s_{i:06d}.png" for i, f in enumerate(fine)]}
+        with open(os.path.join(base, split), "wb") as fh:
+            pickle.dump(entry, fh, protocol=2)
+        out[f"{split}_labels"] = fine
+    with open(os.path.join(base, "meta"), "wb") as fh:
+        pickle.dump({"fine_label_names": list(FINE_NAMES), "coarse_label_names": list(COARSE_NAMES)}, fh, protocol=2)
+    return out
+
+
+def tiny_colour(label):
+    """Flat RGB colour encoding a Tiny-ImageNet label index (0..255)."""
+    return 8 + 16 * (label // 16), 8 + 16 * (label % 16)
+
+
+def write_fake_tiny_imagenet(root, wnids, train_per_class=2, val_per_class=1, size=64, seed=0, n_test=2):
+    """Write root/tiny-imagenet-200/ in the standard layout (JPEG, size x size RGB). Label = index of the wnid in
+    `wnids`; each image is one flat colour R = 8 + 16*(label // 16), G = 8 + 16*(label % 16), B random."""
+    assert len(wnids) <= 256, "colour encoding supports at most 256 classes"
+    rng, base = np.random.default_rng(seed), os.path.join(root, "tiny-imagenet-200")
+
+    def path(rel):
+        os.makedirs(os.path.dirname(os.path.join(base, rel)), exist_ok=True)
+        return os.path.join(base, rel)
+
+    def write(rel, lines):
+        with open(path(rel), "w") as fh:
+            fh.write("".join(ln + "\n" for ln in lines))
+
+    def save(rel, label):  # label None -> random colour (unlabelled test image)
+        colour = tiny_colour(label) if label is not None else tuple(rng.integers(256, size=2))
+        colour = tuple(int(c) for c in colour) + (int(rng.integers(256)),)
+        Image.new("RGB", (size, size), colour).save(path(rel), "JPEG", quality=95)
+        return rel
+
+    box = f"\t{size // 8}\t{size // 8}\t{size - size // 8 - 1}\t{size - size // 8 - 1}"
+    write("wnids.txt", wnids)
+    write("words.txt", [f"{w}\tfake class {i}, {w}" for i, w in enumerate(wnids)])
+    out = {"train": [], "val": [], "test": []}
+    for label, w in enumerate(wnids):
+        names = [f"{w}_{k}.JPEG" for k in range(train_per_class)]
+        out["train"] += [(save(f"train/{w}/images/{n}", label), label) for n in names]
+        write(f"train/{w}/{w}_boxes.txt", [n + box for n in names])
+    val_labels = rng.permutation(np.repeat(np.arange(len(wnids)), val_per_class)).tolist()
+    out["val"] = [(save(f"val/images/val_{k}.JPEG", lab), lab) for k, lab in enumerate(val_labels)]
+    write("val/val_annotations.txt", [f"val_{k}.JPEG\t{wnids[lab]}{box}" for k, lab in enumerate(val_labels)])
+    out["test"] = [save(f"test/images/test_{k}.JPEG", None) for k in range(n_test)]
+    return out
+
+
+def unnormalise(img: torch.Tensor) -> np.ndarray:
+    """A CLIP-normalised [3, H, W] tensor back to 0..255 RGB values (float, [3, H, W])."""
+    mean, std = torch.tensor(M.CLIP_MEAN)[:, None, None], torch.tensor(M.CLIP_STD)[:, None, None]
+    return ((img * std + mean) * 255).numpy()
+
+
+def decode_tiny_tensor(img: torch.Tensor) -> int:
+    """Label of a fake Tiny-ImageNet image after the benchmark's transform (flat colour, JPEG error <= 7 levels)."""
+    r, g = unnormalise(img).reshape(3, -1).mean(1)[:2]
+    return 16 * int(round((r - 8) / 16)) + int(round((g - 8) / 16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared fixtures and helpers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def clip_cache(tmp_path_factory):
+    """A --clip-cache holding the pretrained tiny CLIP: pretrained here once per session (~50 s)."""
+    cache = str(tmp_path_factory.mktemp("clip-cache"))
+    cfg = M.resolve_config({"dataset": "synthetic", "clip_cache": cache})
+    M.pretrained_tiny_clip(cfg)
+    assert [f for f in os.listdir(cache) if f.endswith(".pt")], "the tiny CLIP was not cached"
+    return cache
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch):
+    monkeypatch.setattr(M, "SYN_TRAIN_PER_CLASS", SMALL_TRAIN_PER_CLASS)
+    monkeypatch.setattr(M, "SYN_TEST_PER_CLASS", SMALL_TEST_PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A finished small synthetic run (SMALL_RUN_ARGS): (its folder, main's summary). Tests copy it, never touch it."""
+    out = str(tmp_path_factory.mktemp("small-run") / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "SYN_TRAIN_PER_CLASS", SMALL_TRAIN_PER_CLASS)
+        mp.setattr(M, "SYN_TEST_PER_CLASS", SMALL_TEST_PER_CLASS)
+        summary = M.main(SMALL_RUN_ARGS + ["--output-dir", out])
+    return out, summary
+
+
+def copy_run(src: str, dst) -> str:
+    dst = str(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def file_bytes(folder: str) -> dict:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tiny_cfg(**kw) -> M.Config:
+    args = dict(dataset="synthetic", clip_model="tiny", clip_weights="random")
+    args.update(kw)
+    return M.resolve_config(args)
+
+
+def tiny_adapted_clip(cfg: M.Config, seed: int = 0):
+    """(plain tiny CLIP, the same CLIP with adapters), both fp32, frozen, in eval mode."""
+    torch.manual_seed(seed)
+    plain = clip.model.CLIP(*M.ARCHS["tiny"]).float().eval()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    adapted = M.add_moe_adapters(copy.deepcopy(plain), cfg).eval()
+    return plain, adapted
+
+
+def randomise_adapters(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Make every expert and router non-zero (as after training)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in M.adapters(model):
+            for p in a.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def sample_inputs(n_images: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    pairs = torch.tensor(M.SYNTHETIC_TASK_CLASSES[:n_images])
+    images = M.render_shapes(pairs, gen)
+    tokens = M.tokenize([f"a bad photo of a {M.syn_name(p)}." for p in M.SYNTHETIC_TASK_CLASSES[:5]], "cpu")
+    return images, tokens
+
+
+def new_model_and_bench(cfg: M.Config):
+    M.seed_everything(cfg.seed)
+    model = M.load_clip(cfg)
+    M.add_moe_adapters(model, cfg)
+    return model, M.load_benchmark(cfg, model.visual.input_resolution)
+
+
+def assert_usage_error(capsys, argv, *fragments) -> str:
+    """main(argv) must exit with code 2 and print exactly one line 'moe_adapters.py: error: ...' on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        M.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moe_adapters.py: error:"), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Gating maths
+# ------------------------------------------------------------------------------------------------
+
+# Router weights W_g[route] [d=4, E=4] and router inputs with small integer entries: every logit is exact in fp32.
+W_GATE = torch.tensor([[[4., 1., 0., 2.], [0., 3., 1., 0.], [1., 0., 2., 5.], [0., 1., 3., -1.]],
+                       [[0., 2., 5., 1.], [3., 0., 1., 2.], [0., 4., 1., 0.], [2., 1., 0., 3.]]])
+W_NOISE = torch.tensor([[[0.5, -1., 1., 0.], [1., 0.5, -0.5, 2.], [0., 1., 0.5, -1.], [1.5, 0., 1., 0.5]],
+                        [[-1., 0.5, 0., 1.], [0., 2., 1., -0.5], [1., 0., -1., 0.5], [0.5, 1., 0., 2.]]])
+C = torch.tensor([[1., 0., 0., 0.], [1., 0., 0., 0.], [0., 2., 0., 1.], [3., 2., 0., 0.], [0., 0., 1., 2.],
+                  [1., 1., 1., 2.], [0., 1., 2., 0.]])
+ROUTE = torch.tensor([0, 1, 1, -1, 0, 1, -1])
+
+
+def gate_adapter(eval_noise: bool = False) -> M.MoEAdapter:
+    a = M.MoEAdapter(4, experts=4, top_k=2, bottleneck=3, routers=2, scale=0.1, dropout=0.0, eval_noise=eval_noise)
+    with torch.no_grad():
+        a.w_gate.copy_(W_GATE)
+        a.w_noise.copy_(W_NOISE)
+    return a
+
+
+def reference_gate(c, route, noise=None):
+    """Per-sample reference: logits c_n W_g[route_n] (+ noise), top-2 by sorting, softmax over the two."""
+    idx, w = [], []
+    for n in range(len(c)):
+        h = c[n] @ W_GATE[max(int(route[n]), 0)]
+        if noise is not None:
+            h = h + noise[n] * (F.softplus(c[n] @ W_NOISE[max(int(route[n]), 0)]) + 0.01)
+        order = sorted(range(4), key=lambda e: -float(h[e]))[:2]
+        g = torch.softmax(h[order], 0) if route[n] >= 0 else torch.zeros(2)
+        idx.append(order)
+        w.append(g)
+    return torch.tensor(idx), torch.stack(w)
+
+
+def test_gate_eval_picks_top_k_of_own_router_and_softmaxes_over_them():
+    a = gate_adapter().eval()
+    idx, w = a.gate(C, ROUTE)
+    ref_idx, ref_w = reference_gate(C, ROUTE)
+    assert idx.shape == (7, 2) and w.shape == (7, 2)
+    assert torch.equal(idx, ref_idx)  # topk returns the larger logit first, as the reference
+    assert torch.allclose(w, ref_w, atol=1e-6)
+    # hand-worked anchor: c = e_0 under router 0 -> logits row 0 of W_g[0] = [4, 1, 0, 2] -> experts 0, 3,
+    # gates softmax([4, 2]); the same c under router 1 -> [0, 2, 5, 1] -> experts 2, 1, gates softmax([5, 2])
+    assert idx[0].tolist() == [0, 3] and idx[1].tolist() == [2, 1]
+    e2 = math.exp(2.0)
+    assert torch.allclose(w[0], torch.tensor([e2 / (e2 + 1), 1 / (e2 + 1)]), atol=1e-6)
+    assert torch.allclose(w[1], torch.tensor([math.exp(3.0) / (math.exp(3.0) + 1), 1 / (math.exp(3.0) + 1)]),
+                          atol=1e-6)
+    routed = ROUTE >= 0
+    assert torch.allclose(w[routed].sum(1), torch.ones(int(routed.sum())), atol=1e-6)
+    assert torch.equal(w[~routed], torch.zeros(int((~routed).sum()), 2))  # bypass: gates exactly 0
+    assert (idx[:, 0] != idx[:, 1]).all()
+    # deterministic without noise
+    idx2, w2 = a.gate(C, ROUTE)
+    assert torch.equal(idx, idx2) and torch.equal(w, w2)
+
+
+def test_gate_train_noise_is_softplus_scaled_gaussian():
+    a = gate_adapter().train()
+    gen = torch.Generator().manual_seed(3)
+    c = torch.randint(-2, 3, (64, 4), generator=gen).float()
+    route = torch.randint(-1, 2, (64,), generator=gen)
+    torch.manual_seed(123)
+    idx, w = a.gate(c, route)
+    torch.manual_seed(123)
+    noise = torch.randn(64, 4)
+    ref_idx, ref_w = reference_gate(c, route, noise)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(w, ref_w, atol=1e-6)
+    clean_idx, _ = reference_gate(c, route)
+    assert not torch.equal(ref_idx, clean_idx), "the noise never changed a choice: the check would be vacuous"
+    assert torch.equal(w[route < 0], torch.zeros(int((route < 0).sum()), 2))
+
+
+def test_gate_eval_noise_quirk_adds_noise_in_eval_without_counting_usage():
+    a = gate_adapter(eval_noise=True).eval()
+    gen = torch.Generator().manual_seed(4)
+    c = torch.randint(-2, 3, (64, 4), generator=gen).float()
+    route = torch.randint(0, 2, (64,), generator=gen)
+    torch.manual_seed(7)
+    idx, w = a.gate(c, route)
+    torch.manual_seed(7)
+    ref_idx, ref_w = reference_gate(c, route, torch.randn(64, 4))
+    assert torch.equal(idx, ref_idx) and torch.allclose(w, ref_w, atol=1e-6)
+    assert int(a.usage.sum()) == 0
+
+
+def test_gate_usage_counts_k_per_routed_sample_in_training_only():
+    a = gate_adapter()
+    a.eval()
+    a.gate(C, ROUTE)
+    assert torch.equal(a.usage, torch.zeros(4, dtype=torch.long))
+    a.train()
+    total = torch.zeros(4, dtype=torch.long)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        idx, _ = a.gate(C, ROUTE)
+        total += torch.bincount(idx[ROUTE >= 0].flatten(), minlength=4)
+        assert torch.equal(a.usage, total)
+    assert int(a.usage.sum()) == 2 * 2 * int((ROUTE >= 0).sum())  # k per non-bypassed sample, two calls
+    a.eval()
+    a.gate(C, ROUTE)
+    assert torch.equal(a.usage, total)
+
+
+def test_gate_single_expert_has_gate_one_and_no_router():
+    a = M.MoEAdapter(4, experts=1, top_k=1, bottleneck=3, routers=3, scale=0.1, dropout=0.0)
+    assert not hasattr(a, "w_gate") or a.w_gate is None
+    idx, w = a.eval().gate(C, ROUTE)
+    assert torch.equal(idx, torch.zeros(7, 1, dtype=torch.long))
+    assert torch.equal(w, (ROUTE >= 0).float()[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Zero-initialised experts leave CLIP unchanged
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["full", "cil"])
+def test_zero_initialised_experts_leave_clip_bitwise_unchanged(preset):
+    cfg = tiny_cfg(preset=preset)
+    plain, adapted = tiny_adapted_clip(cfg)
+    images, tokens = sample_inputs()
+    with torch.no_grad():
+        ref_img, ref_txt = plain.encode_image(images), plain.encode_text(tokens)
+        for mode in ("eval", "train"):  # train: router noise and adapter dropout on; W_up = 0 still gives 0
+            adapted.train(mode == "train")
+            plain.train(mode == "train")
+            for r in (0, -1):
+                img = M.encode_images(adapted, images, torch.full((len(images),), r))
+                txt = M.encode_texts(adapted, tokens, torch.full((len(tokens),), r))
+                assert torch.equal(img, ref_img), (mode, r)
+                assert torch.equal(txt, ref_txt), (mode, r)
+            mixed = torch.tensor([0, -1, 0, 0, -1, 0])
+            assert torch.equal(M.encode_images(adapted, images, mixed), ref_img), mode
+            assert torch.equal(M.encode_images(adapted, images, None), ref_img), mode
+    assert all(not a.w_up.detach().any() and not a.b_up.detach().any() for a in M.adapters(adapted))
+
+
+def test_bypassed_samples_are_plain_clip_even_with_trained_experts():
+    cfg = tiny_cfg(preset="full")
+    plain, adapted = tiny_adapted_clip(cfg)
+    randomise_adapters(adapted)
+    images, tokens = sample_inputs()
+    route = torch.tensor([0, -1, 2, -1, 1, 3])
+    with torch.no_grad():
+        ref = plain.encode_image(images)
+        out = M.encode_images(adapted, images, route)
+        ref_t = plain.encode_text(tokens)
+        out_t = M.encode_texts(adapted, tokens, torch.tensor([-1, 1, -1, 0, 2]))
+    assert torch.equal(out[route < 0], ref[route < 0])
+    assert not torch.allclose(out[route >= 0], ref[route >= 0], atol=1e-3)  # the experts do act on the others
+    assert torch.equal(out_t[[0, 2]], ref_t[[0, 2]])
+    assert not torch.allclose(out_t[[1, 3, 4]], ref_t[[1, 3, 4]], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The readable loop and the batched mixture agree
+# ------------------------------------------------------------------------------------------------
+
+def mixture_problem(E, k, d, L=7, N=9, r=8, seed=0):
+    """Random non-zero experts, routing with bypassed samples (gate 0) and experts no live sample uses."""
+    gen = torch.Generator().manual_seed(seed + 100 * E + 10 * k + d)
+    bypass = torch.zeros(N, dtype=torch.bool)
+    bypass[[2, 6]] = True
+    unused = {2: [0] if k == 1 else [], 22: [0, 5, 21]}[E]
+    allowed = torch.tensor([e for e in range(E) if e not in unused])
+    idx = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] if not bypass[n]
+                       else torch.randperm(E, generator=gen)[:k] for n in range(N)])
+    w = torch.softmax(torch.randn(N, k, generator=gen), 1) * (~bypass).float()[:, None]
+    x = torch.randn(L, N, d, generator=gen)
+    experts = [0.3 * torch.randn(E, d, r, generator=gen), 0.3 * torch.randn(E, r, generator=gen),
+               0.3 * torch.randn(E, r, d, generator=gen), 0.3 * torch.randn(E, d, generator=gen)]
+    return x, idx, w, experts, bypass, unused
+
+
+def run_mixture(fn, x, idx, w, experts, grad_out):
+    leaves = [t.clone().requires_grad_(True) for t in [x, w] + experts]
+    y = fn(leaves[0], idx, leaves[1], *leaves[2:], 0.5, 0.0)
+    grads = torch.autograd.grad((y * grad_out).sum(), leaves)
+    return y.detach(), dict(zip(["x", "w", "w_down", "b_down", "w_up", "b_up"], grads))
+
+
+@pytest.mark.parametrize("E,k", [(2, 1), (2, 2), (22, 1), (22, 2)])
+@pytest.mark.parametrize("d", [16, 64])
+def test_mixture_loop_equals_batched_outputs_and_gradients(E, k, d):
+    x, idx, w, experts, bypass, unused = mixture_problem(E, k, d)
+    live_experts = set(idx[~bypass].flatten().tolist())
+    assert all(e not in live_experts for e in unused)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    y_loop, g_loop = run_mixture(M.mixture_loop, x, idx, w, experts, grad_out)
+    y_bat, g_bat = run_mixture(M.mixture_batched, x, idx, w, experts, grad_out)
+    assert y_loop.shape == x.shape
+    assert torch.allclose(y_loop, y_bat, rtol=1e-5, atol=1e-5)
+    assert float(y_loop.abs().max()) > 0.1
+    assert torch.equal(y_loop[:, bypass], torch.zeros_like(y_loop[:, bypass]))
+    assert torch.equal(y_bat[:, bypass], torch.zeros_like(y_bat[:, bypass]))
+    for name in ("x", "w_down", "b_down", "w_up", "b_up"):
+        assert torch.allclose(g_loop[name], g_bat[name], rtol=1e-4, atol=1e-5), name
+    # gate gradients where the gate is live (the bypassed ones: see the next test)
+    assert torch.allclose(g_loop["w"][~bypass], g_bat["w"][~bypass], rtol=1e-4, atol=1e-5)
+    for name in ("w_down", "b_down", "w_up", "b_up"):  # an expert no live sample uses gets no gradient
+        for e in unused:
+            assert float(g_bat[name][e].abs().max()) == 0.0 and float(g_loop[name][e].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("E,k", [(2, 1), (22, 2)])
+def test_mixture_loop_and_batched_agree_on_gradient_of_zero_gates(E, k):
+    """y = sum_e G_e E_e(x) has dy/dG_e = E_e(x) also where G_e = 0 (a bypassed sample). The two implementations
+    claim equal gradients; the loop skips w == 0 entries, so its gradient there is 0 while batched gives E_e(x).
+    (Harmless inside MoEAdapter, where w = softmax * use blocks it, but the functions disagree.)"""
+    x, idx, w, experts, bypass, _ = mixture_problem(E, k, 16)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    _, g_loop = run_mixture(M.mixture_loop, x, idx, w, experts, grad_out)
+    _, g_bat = run_mixture(M.mixture_batched, x, idx, w, experts, grad_out)
+    assert torch.allclose(g_loop["w"][bypass], g_bat["w"][bypass], rtol=1e-4, atol=1e-5)
+
+
+def test_whole_model_loop_equals_batched():
+    cfg = tiny_cfg(preset="full")
+    _, batched = tiny_adapted_clip(cfg)
+    randomise_adapters(batched)
+    loop = copy.deepcopy(batched)
+    for a in M.adapters(loop):
+        a.impl = "loop"
+    assert all(a.impl == "batched" for a in M.adapters(batched))
+    images, tokens = sample_inputs()
+    route_i, route_t = torch.tensor([0, 1, -1, 3, 2, 0]), torch.tensor([1, 0, 3, -1, 2])
+    with torch.no_grad():
+        fa, fb = M.encode_images(loop, images, route_i), M.encode_images(batched, images, route_i)
+        ta, tb = M.encode_texts(loop, tokens, route_t), M.encode_texts(batched, tokens, route_t)
+    assert torch.allclose(fa, fb, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        plain_like = M.encode_images(batched, images, torch.full((6,), -1))
+    assert not torch.allclose(fb, plain_like, atol=1e-3)  # the experts matter
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. and 5. Training touches only the trainable state; frozen experts and old routers stay bitwise fixed
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["cil", "full"])
+def test_backbone_bitwise_unchanged_by_training(small_synthetic, tmp_path, preset):
+    cfg = tiny_cfg(preset=preset, tasks=4, epochs=1, batch_size=32, weight_decay=0.1, output_dir=str(tmp_path))
+    model, bench = new_model_and_bench(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moe_before = {k: v for k, v in before.items() if ".moe." in k}
+    assert len(moe_before) and len(before) > len(moe_before)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (".moe." in n), n
+    for t in range(2):
+        M.train_task(model, cfg, bench, t, CPU)
+        M.evaluate(model, cfg, bench, t, CPU)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        if ".moe." not in k:
+            assert torch.equal(after[k], v), k
+    changed = [k for k, v in moe_before.items() if not torch.equal(after[k], v)]
+    assert any(k.endswith("w_up") for k in changed), "training did not move the experts"
+
+
+def test_frozen_experts_and_old_routers_bitwise_fixed_across_tasks(small_synthetic, tmp_path):
+    cfg = tiny_cfg(preset="full", tasks=4, epochs=1, batch_size=32, weight_decay=0.1, output_dir=str(tmp_path))
+    model, bench = new_model_and_bench(cfg)
+    ads = M.adapters(model)
+    assert len(ads) == 4 and all(a.E == 22 and a.R == 4 for a in ads)
+    snap = lambda: [{n: p.detach().clone() for n, p in a.named_parameters()} for a in ads]
+    frozen_rows, routers_after = {}, []  # frozen_rows[(adapter, expert)] = its rows when it was frozen
+    prev_frozen = [torch.zeros(22, dtype=torch.bool) for _ in ads]
+    for t in range(cfg.tasks):
+        start = snap()
+        M.train_task(model, cfg, bench, t, CPU)
+        end = snap()
+        routers_after.append([(e["w_gate"][t].clone(), e["w_noise"][t].clone()) for e in end])
+        for i, a in enumerate(ads):
+            frozen = a.frozen.clone()
+            new = frozen & ~prev_frozen[i]
+            assert (frozen | prev_frozen[i]).equal(frozen), "an expert was unfrozen"
+            assert int(new.sum()) <= cfg.freeze_top, (t, i, int(new.sum()))  # 0 if its top experts were frozen
+            if t == 0:
+                assert int(frozen.sum()) == cfg.freeze_top
+            # the new ones are the most used of this task
+            if (~frozen).any():
+                assert int(a.usage[new].min()) >= int(a.usage[~frozen].max()), (t, i)
+            assert int(a.usage.sum()) > 0
+            # experts frozen before this task: bitwise unchanged, whatever the optimizer and weight decay did
+            for e in torch.nonzero(prev_frozen[i]).flatten().tolist():
+                for n in ("w_down", "b_down", "w_up", "b_up"):
+                    assert torch.equal(end[i][n][e], frozen_rows[(i, e)][n]), (t, i, e, n)
+            # the other experts did train (weight decay alone moves every w_down row)
+            for e in torch.nonzero(~prev_frozen[i]).flatten().tolist():
+                assert not torch.equal(end[i]["w_down"][e], start[i]["w_down"][e]), (t, i, e)
+            used = torch.nonzero(~prev_frozen[i] & (a.usage > 0)).flatten().tolist()
+            assert used and any(not torch.equal(end[i]["w_up"][e], start[i]["w_up"][e]) for e in used)
+            # routers: this task's trained, earlier tasks' as they were, later tasks' still zero
+            assert not torch.equal(end[i]["w_gate"][t], start[i]["w_gate"][t])
+            for r in range(t):
+                assert torch.equal(end[i]["w_gate"][r], routers_after[r][i][0]), (t, i, r)
+                assert torch.equal(end[i]["w_noise"][r], routers_after[r][i][1]), (t, i, r)
+            for r in range(t + 1, cfg.tasks):
+                assert float(end[i]["w_gate"][r].abs().sum()) == 0 and float(end[i]["w_noise"][r].abs().sum()) == 0
+            for e in torch.nonzero(new).flatten().tolist():
+                frozen_rows[(i, e)] = {n: end[i][n][e].clone() for n in ("w_down", "b_down", "w_up", "b_up")}
+            prev_frozen[i] = frozen
+    assert all(int(f.sum()) <= cfg.freeze_top * cfg.tasks for f in prev_frozen)
+
+
+def test_evaluate_follows_the_class_incremental_protocol(small_synthetic, tmp_path):
+    """Row t: test images of task j <= t are classified among all classes seen so far (router j under per-task
+    routers), those of a later task j among the classes of tasks 0..j by the untouched CLIP."""
+    cfg = tiny_cfg(preset="full", tasks=4, epochs=1, batch_size=32, output_dir=str(tmp_path))
+    model, bench = new_model_and_bench(cfg)
+    M.train_task(model, cfg, bench, 0, CPU)
+    M.train_task(model, cfg, bench, 1, CPU)
+    accs, counts = M.evaluate(model, cfg, bench, 1, CPU)
+    prompts = [cfg.prompt.format(n) for n in bench.class_names]
+    tokens = M.tokenize(prompts, "cpu")
+    for j, (lo, hi) in enumerate(bench.splits):
+        items = [bench.test[i] for i in bench.subset("test", j).indices]
+        x, y = torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items])
+        assert ((y >= lo) & (y < hi)).all()
+        route = j if j <= 1 else -1
+        with torch.no_grad():
+            txt = F.normalize(M.encode_texts(model, tokens, torch.full((len(tokens),), route)), dim=-1)
+            img = F.normalize(M.encode_images(model, x, torch.full((len(x),), route)), dim=-1)
+        seen = bench.splits[max(1, j)][1]
+        pred = (img @ txt[:seen].T).argmax(1)
+        assert counts[j] == len(y) == 8 * SMALL_TEST_PER_CLASS
+        assert accs[j] == pytest.approx(100.0 * int((pred == y).sum()) / len(y), abs=1e-9), j
+
+
+def test_learning_rate_warmup_then_cosine_to_zero_at_the_extra_step():
+    assert M.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert M.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert M.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert M.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert M.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)  # the authors' extra step (quirk Q17)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Trainable parameter counts (dry run)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,trainable", [
+    ([], 4_027_392),                                                   # cil preset, the cifar100 default
+    (["--preset", "full", "--tasks", "10"], 22 * (99_136 + 66_112) * 12 + 10 * 675_840),
+    (["--method", "finetune"], 12 * (99_136 + 66_112)),
+    (["--method", "zeroshot"], 0),
+])
+def test_dry_run_parameter_counts_vit_b16(tmp_path, capsys, extra, trainable):
+    assert 22 * (99_136 + 66_112) * 12 + 10 * 675_840 == 50_383_872 and 12 * (99_136 + 66_112) == 1_982_976
+    missing_data, out = tmp_path / "no-data-here", tmp_path / "out"
+    table = M.main(["--dry-run", "--dataset", "cifar100", "--clip-weights", "random", "--data-root",
+                    str(missing_data), "--output-dir", str(out)] + extra)
+    assert table["trainable_params"] == trainable
+    assert table["frozen_params"] == 149_620_737  # ViT-B/16 CLIP
+    assert table["experts_image"] + table["experts_text"] + table["routers_image"] + table["routers_text"] \
+        == trainable
+    assert f"{trainable:,}" in capsys.readouterr().out
+    assert not missing_data.exists() and not out.exists()  # reads no data, writes no run
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_continual_metrics_on_hand_made_matrix():
+    A = [[80.0, 10.0, 5.0],
+         [85.0, 70.0, 20.0],
+         [50.0, 40.0, 90.0]]
+    n = [100, 50, 25]
+    m0, m1, m2 = (M.continual_metrics(A, n, t) for t in range(3))
+    # after task 0
+    assert m0["task"] == 0 and m0["acc"] == pytest.approx(80.0) and m0["avg_acc"] == pytest.approx(80.0)
+    assert m0["forgetting"] == 0 and m0["bwt"] == 0 and m0["fwt"] == 0 and m0["acc_per_task"] == [80.0]
+    # after task 1: acc = (85*100 + 70*50) / 150 = 80; forgetting = 80 - 85 = -5; bwt = 85 - 80; fwt = A[0][1]
+    assert m1["acc"] == pytest.approx(80.0) and m1["avg_acc"] == pytest.approx(80.0)
+    assert m1["forgetting"] == pytest.approx(-5.0) and m1["bwt"] == pytest.approx(5.0)
+    assert m1["fwt"] == pytest.approx(10.0) and m1["acc_per_task"] == [85.0, 70.0]
+    # after task 2: acc = (50*100 + 40*50 + 90*25) / 175 = 9250 / 175
+    assert m2["acc"] == pytest.approx(9250 / 175, abs=1e-9)
+    assert m2["avg_acc"] == pytest.approx((80 + 80 + 9250 / 175) / 3, abs=1e-9)
+    # forgetting: task 0: max(80, 85) - 50 = 35; task 1: 70 - 40 = 30
+    assert m2["forgetting"] == pytest.approx(32.5)
+    # bwt over (i, j) = (1, 0), (2, 0), (2, 1): 5, -30, -30
+    assert m2["bwt"] == pytest.approx(-55 / 3)
+    # fwt: A[0][1] = 10, A[1][2] = 20
+    assert m2["fwt"] == pytest.approx(15.0)
+    assert m2["acc_per_task"] == [50.0, 40.0, 90.0] and m2["task"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. CIFAR-100 and TinyImageNet on fake data
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    root = tmp_path / "data"
+    info = write_fake_cifar100(str(root), train_per_class=2, test_per_class=1)
+    return str(root), info
+
+
+def test_cifar100_run_on_fake_data_writes_ten_tasks_in_spec_order(fake_cifar, tmp_path):
+    root, _ = fake_cifar
+    out = tmp_path / "out"
+    summary = M.main(["--dataset", "cifar100", "--tasks", "10", "--clip-model", "tiny", "--clip-weights", "random",
+                      "--data-root", root, "--output-dir", str(out), "--batch-size", "8", "--workers", "0"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 11
+    assert set(rows[-1]) == {"last", "avg"}
+    assert rows[-1]["last"] == pytest.approx(rows[9]["acc"]) and rows[-1]["avg"] == pytest.approx(rows[9]["avg_acc"])
+    assert summary["last"] == pytest.approx(rows[-1]["last"]) and summary["avg"] == pytest.approx(rows[-1]["avg"])
+    assert rows[0]["classes"] == ["television", "apple", "oak_tree", "pickup_truck", "lizard", "trout", "road",
+                                  "wolf", "mushroom", "camel"]
+    for k in range(10):
+        assert rows[k]["task"] == k
+        assert rows[k]["classes"] == [FINE_NAMES[c] for c in M.CIFAR100_ORDER[10 * k:10 * k + 10]]
+    lines = (out / "accuracy_matrix.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["after_task"] + [f"task_{j}" for j in range(10)]
+    assert len(lines) == 11
+    matrix = [[float(v) for v in ln.split(",")[1:]] for ln in lines[1:]]
+    assert [int(ln.split(",")[0]) for ln in lines[1:]] == list(range(10))
+    assert all(len(r) == 10 for r in matrix)
+    assert np.allclose(summary["accuracy_matrix"], matrix, atol=1e-4, rtol=0)
+    # one test image per class, 10 per task: every accuracy is a multiple of 10 %
+    assert all(abs(a / 10 - round(a / 10)) < 1e-9 for r in matrix for a in r)
+    for k in range(10):
+        assert rows[k]["acc_per_task"] == pytest.approx(matrix[k][:k + 1], abs=1e-4)
+
+
+def test_cifar100_labels_are_positions_in_the_class_order(fake_cifar):
+    root, info = fake_cifar
+    cfg = M.resolve_config(dict(dataset="cifar100", tasks=10, data_root=root, clip_model="tiny",
+                                clip_weights="random"))
+    bench = M.load_cifar100(cfg, 32)
+    assert bench.splits == [(10 * t, 10 * t + 10) for t in range(10)]
+    assert bench.class_names == [FINE_NAMES[c] for c in M.CIFAR100_ORDER]
+    for split, ds, labels, orig in (("train", bench.train, bench.train_labels, info["train_labels"]),
+                                    ("test", bench.test, bench.test_labels, info["test_labels"])):
+        assert len(ds) == len(orig) == len(labels)
+        for i in range(len(ds)):
+            img, y = ds[i]
+            rgb = unnormalise(img).reshape(3, -1).mean(1)
+            fine = int(round(rgb[0]))
+            assert fine == orig[i] and abs(rgb[1] - i % 256) < 1.5, (split, i)  # the pixel encoding decodes
+            assert y == M.CIFAR100_ORDER.index(fine) == labels[i], (split, i)
+        for t in range(10):
+            sub = bench.subset(split, t)
+            assert sorted(orig[i] for i in sub.indices) == sorted(
+                c for c in M.CIFAR100_ORDER[10 * t:10 * t + 10] for _ in range(2 if split == "train" else 1))
+
+
+def test_tinyimagenet_fake_folder_splits_names_and_labels(tmp_path):
+    wnids = list(M.TINYIMAGENET_NAMES)
+    assert len(wnids) == 200 and sorted(M.TINYIMAGENET_ORDER) == list(range(200))
+    root = str(tmp_path / "data")
+    info = write_fake_tiny_imagenet(root, wnids, train_per_class=1, val_per_class=1, size=64)
+    cfg = M.resolve_config(dict(dataset="tinyimagenet", tasks=5, data_root=root, clip_model="tiny",
+                                clip_weights="random"))
+    bench = M.load_tinyimagenet(cfg, 32)
+    assert len(bench.splits) == 6 and M.n_tasks_total(cfg) == 6
+    assert bench.splits == [(0, 100), (100, 120), (120, 140), (140, 160), (160, 180), (180, 200)]
+    assert bench.class_names == [M.TINYIMAGENET_NAMES[wnids[c]] for c in M.TINYIMAGENET_ORDER]
+    assert bench.class_names[:3] == ["Persian cat", "stick insect", "goldfish"]
+    assert bench.class_names[100:102] == ["bee", "high-speed train"]
+    for ds, labels, items in ((bench.train, bench.train_labels, info["train"]),
+                              (bench.test, bench.test_labels, info["val"])):
+        assert len(ds) == len(items) == 200
+        decoded = []
+        for i in range(len(ds)):
+            img, y = ds[i]
+            decoded.append(decode_tiny_tensor(img))
+            assert y == M.TINYIMAGENET_ORDER.index(decoded[-1]) == labels[i], i
+        assert sorted(decoded) == list(range(200))
+    assert len(bench.subset("test", 0)) == 100 and len(bench.subset("test", 3)) == 20
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The demo command line
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def demo_run(clip_cache, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("demo-cwd")
+    out = cwd / "demo-out"
+    cached = lambda: {f: os.stat(os.path.join(clip_cache, f)).st_mtime_ns for f in os.listdir(clip_cache)}
+    before = cached()
+    proc = subprocess.run([sys.executable, SCRIPT, "--demo", "--clip-cache", clip_cache, "--output-dir", str(out)],
+                          cwd=str(cwd), capture_output=True, text=True, timeout=400)
+    assert cached() == before, "the demo pretrained the tiny CLIP again instead of using --clip-cache"
+    return proc, out, cwd
+
+
+DEMO_ROW = re.compile(r"^(?P<label>\S.*?)\s+(?P<avg>-?\d+\.\d+)\s+(?P<last>-?\d+\.\d+)\s+(?P<forgetting>-?\d+\.\d+)"
+                      r"\s+(?P<seconds>\d+\.\d+)\s*$")
+
+
+def test_demo_prints_table_matching_each_methods_metrics(demo_run):
+    proc, out, cwd = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = [i for i, ln in enumerate(lines) if ln.split()[:5] == ["method", "Avg", "Last", "Forgetting", "seconds"]]
+    assert len(header) == 1, proc.stdout
+    table = {}
+    for line in lines[header[0] + 1:]:
+        m = DEMO_ROW.match(line)
+        if m:
+            table[m["label"]] = {k: float(m[k]) for k in ("avg", "last", "forgetting")}
+    assert {"zeroshot", "finetune", "moe-adapters"} <= set(table), proc.stdout
+    for label, vals in table.items():
+        folder = out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")  # "moe-adapters full*" -> ...-full
+        rows = read_jsonl(folder / "metrics.jsonl")
+        assert len(rows) == 5 and set(rows[-1]) == {"last", "avg"}, label
+        assert abs(vals["avg"] - rows[-1]["avg"]) <= 0.01 and abs(vals["last"] - rows[-1]["last"]) <= 0.01, label
+        assert abs(vals["forgetting"] - rows[-2]["forgetting"]) <= 0.01, label
+        assert 0 <= vals["last"] <= 100 and 0 <= vals["avg"] <= 100
+    demo_txt = (out / "demo.txt").read_text()
+    assert demo_txt.strip() in proc.stdout
+    assert not (cwd / "runs").exists()  # everything went under --output-dir
+    # the point of the method: adapting beats the untouched CLIP on average over the tasks
+    assert table["moe-adapters"]["avg"] > table["zeroshot"]["avg"], table
+
+
+def test_demo_stderr_is_clean(demo_run):
+    proc, _, _ = demo_run
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr
+    assert "Warning" not in proc.stderr, [ln for ln in proc.stderr.splitlines() if "Warning" in ln]
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Resume after an interruption gives the uninterrupted run
+# ------------------------------------------------------------------------------------------------
+
+def test_resume_after_interruption_equals_uninterrupted_run(small_run, small_synthetic, tmp_path, monkeypatch):
+    dir_a, summary_a = small_run
+    dir_b = str(tmp_path / "b")
+    real_train_task = M.train_task
+
+    def interrupted(model, cfg, bench, task, device):
+        if task == 2:
+            raise KeyboardInterrupt
+        return real_train_task(model, cfg, bench, task, device)
+
+    monkeypatch.setattr(M, "train_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        M.main(SMALL_RUN_ARGS + ["--output-dir", dir_b])
+    monkeypatch.setattr(M, "train_task", real_train_task)
+    assert len(read_jsonl(os.path.join(dir_b, "metrics.jsonl"))) == 2  # tasks 0 and 1, no final row yet
+    ckpt = torch.load(os.path.join(dir_b, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["next_task"] == 2
+    with open(os.path.join(dir_b, "checkpoint.pt.tmp"), "wb") as f:  # a crash in the middle of a later save
+        f.write(b"\x80\x02half a checkpoint")
+    summary_b = M.main(SMALL_RUN_ARGS + ["--output-dir", dir_b, "--resume"])
+    assert summary_b["accuracy_matrix"] == summary_a["accuracy_matrix"]
+    assert len(summary_a["accuracy_matrix"]) == 4
+    assert summary_b["last"] == summary_a["last"] and summary_b["avg"] == summary_a["avg"]
+    assert read_jsonl(os.path.join(dir_b, "metrics.jsonl")) == read_jsonl(os.path.join(dir_a, "metrics.jsonl"))
+    assert open(os.path.join(dir_b, "accuracy_matrix.csv")).read() == \
+        open(os.path.join(dir_a, "accuracy_matrix.csv")).read()
+    ca = torch.load(os.path.join(dir_a, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    cb = torch.load(os.path.join(dir_b, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    assert ca["next_task"] == cb["next_task"] == 4
+    assert set(ca["trainable"]) == set(cb["trainable"]) and len(ca["trainable"]) > 0
+    for k in ca["trainable"]:
+        assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    # resuming a finished run (with a run-only flag changed) trains nothing and reports the same numbers
+    summary_c = M.main(SMALL_RUN_ARGS + ["--output-dir", dir_b, "--resume", "--eval-batch-size", "17"])
+    assert summary_c["accuracy_matrix"] == summary_a["accuracy_matrix"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Bad input: exit code 2, one line on stderr, no traceback
+# ------------------------------------------------------------------------------------------------
+
+TINY = ["--clip-model", "tiny", "--clip-weights", "random"]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--dataset", "cifar100", "--tasks", "7"], "--tasks"),
+    (["--dataset", "synthetic", "--tasks", "7"], "--tasks"),
+    (["--dataset", "synthetic", "--experts", "2", "--top-k", "3"], "--top-k"),
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--dataset", "cifar100", "--clip-model", "ViT-H/99"], "ViT-H/99"),
+    (["--dataset", "synthetic", "--lr", "0"], "--lr"),
+    (["--dataset", "synthetic", "--lr", "-0.001"], "--lr"),
+    (["--dataset", "synthetic", "--batch-size", "0"], "--batch-size"),
+    (["--dataset", "synthetic", "--batch-size", "-4"], "--batch-size"),
+    (["--dataset", "synthetic", "--epochs", "0"], "--epochs"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, flag):
+    out = tmp_path / "out"
+    assert_usage_error(capsys, argv + ["--output-dir", str(out)], flag)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "-1"],             # np.random.seed rejects it: ValueError
+    ["--workers", "-1"],          # DataLoader rejects it after a model and the data are loaded: ValueError
+    ["--freeze-top", "-1"],       # torch.topk(-1) after the first task has trained: RuntimeError
+    ["--lr", "nan"],              # 'nan <= 0' is False, so validate lets it through; AdamW raises ValueError
+    ["--weight-decay", "nan"],    # 'nan < 0' is False likewise; AdamW raises ValueError
+], ids=["seed", "workers", "freeze-top", "lr-nan", "weight-decay-nan"])
+def test_unvalidated_arguments_exit_2_with_one_line(capsys, tmp_path, small_synthetic, argv):
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", str(tmp_path / "out")] + argv)
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "tinyimagenet"])
+def test_missing_data_without_download_exits_2(capsys, tmp_path, dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(capsys, ["--dataset", dataset, "--data-root", str(empty),
+                                "--output-dir", str(tmp_path / "out")] + TINY)
+    assert os.listdir(empty) == []
+
+
+def test_existing_run_without_resume_or_overwrite_exits_2_and_changes_nothing(capsys, small_run, tmp_path):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    before = file_bytes(run_dir)
+    assert {"checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv", "config.json"} <= set(before)
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir], "--resume")
+    assert file_bytes(run_dir) == before
+
+
+def test_overwrite_replaces_an_existing_run(small_run, tmp_path, small_synthetic):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"stale": true}\n')
+    summary = M.main(SMALL_RUN_ARGS + ["--output-dir", run_dir, "--overwrite"])
+    assert summary["accuracy_matrix"] == small_run[1]["accuracy_matrix"]  # seeded: the same run again
+    assert read_jsonl(os.path.join(run_dir, "metrics.jsonl")) == read_jsonl(os.path.join(small_run[0],
+                                                                                         "metrics.jsonl"))
+
+
+def test_resume_from_checkpoint_of_other_configuration_exits_2_and_keeps_the_run(capsys, small_run, tmp_path,
+                                                                                small_synthetic):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    before = file_bytes(run_dir)
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume", "--experts", "20"],
+                       "--experts")
+    after = file_bytes(run_dir)
+    for f in ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv"):
+        assert after[f] == before[f], f
+    # the run's recorded configuration must still be the one its checkpoint was written with
+    assert json.loads(after["config.json"])["experts"] == 22
+
+
+def test_resume_from_corrupt_checkpoint_exits_2(capsys, small_run, tmp_path, small_synthetic):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    with open(os.path.join(run_dir, "checkpoint.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 this is not a checkpoint")
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume"], "checkpoint.pt")
+
+
+def test_resume_without_checkpoint_exits_2(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", str(empty), "--resume"], "--resume")
+    nowhere = tmp_path / "nowhere"
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", str(nowhere), "--resume"], "--resume")
+    assert not nowhere.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tasks", "7"],
+    ["--dataset", "cifar100", "--clip-model", "tiny", "--clip-weights", "random", "--data-root", "{empty}"],
+], ids=["tasks", "missing-cifar100"])
+def test_bad_input_in_a_subprocess_shows_no_traceback(tmp_path, argv):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [a.replace("{empty}", str(empty)) for a in argv]
+    proc = subprocess.run([sys.executable, SCRIPT] + argv + ["--output-dir", str(tmp_path / "out")],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe_adapters.py: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
