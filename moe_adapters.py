@@ -742,7 +742,7 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
 # -- the synthetic world -------------------------------------------------------------------------
 # Classes are (colour, shape) pairs, named "red circle". The tiny CLIP is pretrained on the pairs
 # with (colour + shape) even among the first 5 shapes; the continual tasks use the pairs with
-# (colour + shape) odd: new combinations of known words, and (for diamond, cross and bar) shapes it
+# (colour + shape) odd: new combinations of known words, and (plus, cross and bar) shapes it
 # has never seen named, as a pretrained CLIP meets new classes it knows well, partly or not at all.
 SYN_COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.15), "blue": (0.15, 0.25, 0.95),
                "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "orange": (1.0, 0.55, 0.0),
