@@ -78,6 +78,16 @@ class Config:
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
     eval_noise: bool = False           # quirk Q1: keep router noise on at evaluation, as the authors' CIL code does
+    # task selector, DDAS (spec 4)
+    ddas: bool = False                 # pick each test image's router with DDAS (per-task routers); off = known task id
+    ddas_features: str = "alexnet"     # alexnet (ImageNet AlexNet conv5, the authors') | clip (frozen CLIP image embedding)
+    ddas_weights: str = ""             # "" = torchvision's AlexNet ImageNet weights (download); a local .pth; or "random"
+    ddas_threshold: str = "auto"       # a number (the authors: 0.0655 for AlexNet) or auto (per-task 99th percentile)
+    ddas_per_batch: bool = False       # quirk Q12: one decision per test batch from its mean error, as the authors
+    ddas_all_autoencoders: bool = False  # quirk Q13: let untrained autoencoders of future tasks compete, as the authors
+    ddas_iters: int = 300              # autoencoder training iterations per task (spec 4.2)
+    ddas_lr: float = 0.01              # autoencoder Adam learning rate (spec 4.2, full-shot)
+    ddas_hidden: int = 100             # autoencoder hidden width
     # data
     data_root: str = "./data"          # folder holding cifar-100-python/ or tiny-imagenet-200/
     download: bool = False             # let torchvision download CIFAR-100 (needs internet)
@@ -104,7 +114,7 @@ class Config:
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
 
 
-CHOICES = {"dataset": ["cifar100", "tinyimagenet", "synthetic"], "method": ["moe-adapters", "finetune", "zeroshot"],
+CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "synthetic"], "method": ["moe-adapters", "finetune", "zeroshot"],
            "preset": ["", "cil", "full"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
            "device": ["auto", "cpu", "cuda"]}
 
@@ -113,7 +123,7 @@ CHOICES = {"dataset": ["cifar100", "tinyimagenet", "synthetic"], "method": ["moe
 PRESETS = {
     "cil": dict(experts=2, top_k=2, routers="shared", freeze=False, lr=1e-3, weight_decay=0.0, warmup=30,
                 epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
-    "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, lr=1e-3, weight_decay=0.0, warmup=30,
+    "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0, warmup=30,
                  epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
 }
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
@@ -123,15 +133,16 @@ DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of 
 }
 # applied after the preset: the tiny CLIP on the synthetic world trains on 960 images per task, which
 # one epoch at lr 1e-3 barely moves; every value can still be overridden by its flag
-SYNTHETIC_SCHEDULE = dict(epochs=6, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256, workers=0)
+SYNTHETIC_SCHEDULE = dict(epochs=6, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256, workers=0,
+                          ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
-    "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False),
-    "zeroshot": dict(),
+    "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),
+    "zeroshot": dict(ddas=False),
     "moe-adapters": dict(),
 }
 # fields that do not change what a run computes (may differ between a checkpoint and --resume)
 RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "device", "data_root", "download",
-                   "clip_cache", "eval_batch_size"}  # (--workers stays: with 0 the random crops use the main RNG)
+                   "clip_cache"}  # (--workers and --eval-batch-size stay: they change how random numbers are drawn)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,12 +225,33 @@ def validate(cfg: Config) -> None:
         raise UsageError("--dataset synthetic needs --clip-model tiny (its images are 32x32)")
     if cfg.clip_model == "tiny" and cfg.clip_weights not in ("", "random"):
         raise UsageError("--clip-model tiny is built and pretrained here; --clip-weights takes only 'random' with it")
-    if "{}" not in cfg.prompt:
-        raise UsageError(f"--prompt must contain {{}} for the class name, got {cfg.prompt!r}")
+    try:
+        ok = cfg.prompt.format("x") != cfg.prompt
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"--prompt must contain one {{}} for the class name, got {cfg.prompt!r}")
+    for name in ("output_dir", "clip_cache", "data_root"):
+        path = os.path.expanduser(getattr(cfg, name))
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--{name.replace('_', '-')} {path} is a file, not a folder")
     if cfg.warmup < 0 or cfg.weight_decay < 0 or not 0 <= cfg.label_smoothing < 1:
         raise UsageError("--warmup and --weight-decay must be >= 0 and --label-smoothing in [0, 1)")
     if not 0 <= cfg.adapter_dropout < 1:
         raise UsageError(f"--adapter-dropout must be in [0, 1), got {cfg.adapter_dropout}")
+    if cfg.ddas and (cfg.routers != "per-task" or cfg.method != "moe-adapters"):
+        raise UsageError("--ddas picks among per-task routers: use it with --routers per-task (e.g. --preset full)")
+    if cfg.ddas_threshold != "auto":
+        try:
+            ok = float(cfg.ddas_threshold) > 0 and math.isfinite(float(cfg.ddas_threshold))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--ddas-threshold takes a positive number or 'auto', got {cfg.ddas_threshold!r}")
+    if cfg.ddas_iters <= 0 or cfg.ddas_hidden <= 0 or cfg.ddas_lr <= 0:
+        raise UsageError("--ddas-iters, --ddas-hidden and --ddas-lr must be positive")
+    if cfg.ddas_weights not in ("", "random") and not os.path.isfile(cfg.ddas_weights):
+        raise UsageError(f"--ddas-weights {cfg.ddas_weights}: no such file; pass an AlexNet state dict or 'random'")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -363,7 +395,7 @@ class MoEAdapter(nn.Module):
 
     def balance_loss(self, H, H_noisy, sigma, idx, w):
         """CV^2(importance) + CV^2(load) (spec 2.4). load is the smooth P(expert in top-k) when noisy and k < E."""
-        dense = torch.zeros_like(H).scatter(1, idx, w)                   # G as [N, E]
+        dense = torch.zeros(H.shape, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # G as [N, E]
         importance = dense.sum(0)
         if sigma is not None and self.k < self.E:
             kth = H_noisy.topk(self.k + 1, dim=1).values                # thresholds for "in" and "out"
@@ -403,11 +435,10 @@ class MoEAdapter(nn.Module):
             return
         for n, p in self.named_parameters():
             if n.startswith("w_gate") or n.startswith("w_noise"):
-                mask = torch.ones(self.R, dtype=torch.bool, device=p.device)
-                mask[self.train_router] = False
+                mask = torch.arange(self.R, device=p.device) != self.train_router
             else:
                 mask = self.frozen
-            p[mask] = self._snapshot[n][mask]
+            p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), self._snapshot[n], p))  # no host sync
 
     @torch.no_grad()
     def freeze_most_used(self) -> None:
@@ -438,7 +469,7 @@ class MoEBlock(nn.Module):
         out = x + self.mlp(self.ln_2(x))
         if self.moe is None or self.route is None:
             return out
-        return out + self.moe(x, self.route)
+        return out + self.moe(x, self.route).to(out.dtype)
 
 
 def add_moe_adapters(model: nn.Module, cfg: Config) -> nn.Module:
@@ -543,6 +574,120 @@ def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
 
 
 MIXTURES = {"loop": mixture_loop, "batched": mixture_batched}
+
+
+# ------------------------------------------------------------------------------------------------
+# Task selector: the Distribution Discriminative Auto-Selector (DDAS, spec 4). One autoencoder per
+# learned task over frozen image features; at test time each image goes to the router of the task
+# whose autoencoder reconstructs it best, or to the untouched CLIP when none does well enough.
+# ------------------------------------------------------------------------------------------------
+
+class TaskSelector(nn.Module):
+    """Autoencoders f -> Linear(F, h) -> ReLU -> Linear(h, F) -> Sigmoid -> f^ (spec 4.2), one per task,
+    over features f in (0, 1): `alexnet` = sigmoid(conv5 of ImageNet AlexNet before its ReLU) as the
+    authors (spec 4.1), `clip` = sigmoid(sqrt(D) * normalise(frozen CLIP image embedding))."""
+
+    def __init__(self, cfg: Config, model: nn.Module, n_tasks: int):
+        super().__init__()
+        self.cfg, self.kind = cfg, cfg.ddas_features
+        self.extractor = [build_alexnet_conv5(cfg)] if self.kind == "alexnet" else []  # frozen, not saved
+        dim = self.features_dim(model)
+        self.autoencoders = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, cfg.ddas_hidden), nn.ReLU(), nn.Linear(cfg.ddas_hidden, dim), nn.Sigmoid())
+            for _ in range(n_tasks))
+        self.register_buffer("trained", torch.zeros(n_tasks, dtype=torch.bool))
+        self.register_buffer("tau", torch.full((n_tasks,), float("inf")))  # per-task thresholds ("auto")
+        self.clip = [model]  # kept out of this module's parameters and state_dict
+
+    @torch.no_grad()
+    def features_dim(self, model) -> int:
+        res = model.visual.input_resolution
+        return self.features(torch.zeros(1, 3, res, res, device=next(model.parameters()).device), model).shape[1]
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, model=None) -> torch.Tensor:
+        if self.kind == "alexnet":  # CLIP-normalised input, as the authors (quirk Q14)
+            return torch.sigmoid(self.extractor[0].to(x.device)(x).flatten(1))
+        e = encode_images(model if model is not None else self.clip[0], x, None).float()
+        return torch.sigmoid(math.sqrt(e.shape[1]) * F.normalize(e, dim=-1))
+
+    def errors(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction error of every autoencoder for every image: [N, T] (mean squared error)."""
+        return torch.stack([((ae(f) - f) ** 2).mean(1) for ae in self.autoencoders], 1)
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Route of every image: the task whose autoencoder wins, -1 (untouched CLIP) if its error exceeds
+        the threshold. Numeric tau: argmin_k e_k, CLIP if e_k* > tau. auto: argmin_k e_k / tau_k, CLIP if > 1."""
+        err = self.errors(self.features(x))                              # [N, T]
+        if self.cfg.ddas_per_batch:  # quirk Q12: one decision for the whole batch, from its mean error
+            err = err.mean(0, keepdim=True).expand_as(err)
+        if self.cfg.ddas_threshold == "auto":
+            err = err / self.tau
+            tau = 1.0
+        else:
+            tau = float(self.cfg.ddas_threshold)
+        if not self.cfg.ddas_all_autoencoders:  # quirk Q13 fixed: untrained autoencoders do not compete
+            err = err.masked_fill(~self.trained, float("inf"))
+        best, task = err.min(1)
+        return torch.where(best > tau, torch.full_like(task, -1), task)
+
+
+def build_alexnet_conv5(cfg: Config) -> nn.Module:
+    """torchvision AlexNet up to conv5, before its ReLU (features[:-2]); ImageNet weights, frozen."""
+    import torchvision
+    if cfg.ddas_weights == "random":
+        net = torchvision.models.alexnet(weights=None)
+    elif cfg.ddas_weights:
+        net = torchvision.models.alexnet(weights=None)
+        try:
+            net.load_state_dict(torch.load(cfg.ddas_weights, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UsageError(f"--ddas-weights {cfg.ddas_weights} is not an AlexNet state dict "
+                             f"({type(e).__name__}): pass torchvision's alexnet-owt-7be5be79.pth or 'random'") from None
+    else:
+        try:
+            net = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
+        except Exception as e:
+            raise UsageError(f"cannot download the AlexNet weights for DDAS ({type(e).__name__}): pass "
+                             f"--ddas-weights PATH, or --ddas-features clip (no second network)") from None
+    extractor = net.features[:-2].eval()
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    return extractor
+
+
+def fit_selector(selector: TaskSelector, cfg: Config, loader, task: int, device, batch: int = 64) -> float:
+    """Train autoencoder `task` on the task's training images (spec 4.2: Adam, weight decay 1e-4,
+    constant lr (quirk Q15), iterations + 1 steps of batch 64), then calibrate its threshold tau_task:
+    the 99th percentile of its errors on those images. Features are extracted in one pass over the
+    (augmented) training images, as many as the iterations use, and reused (augmentation frozen)."""
+    feats, need = [], (cfg.ddas_iters + 1) * batch
+    with torch.no_grad():
+        for x, _ in loader:
+            f = selector.features(x.to(device))
+            feats.append(f.half() if selector.kind == "alexnet" else f)  # 43,264 values per image: halve memory
+            if sum(len(f) for f in feats) >= need:
+                break
+    feats = torch.cat(feats)
+    ae = selector.autoencoders[task].train()
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
+    order = torch.randperm(len(feats), device=device)
+    for it in tqdm(range(cfg.ddas_iters + 1), desc=f"DDAS autoencoder {task + 1}", disable=None, leave=False):
+        start = (it * batch) % len(feats)
+        if start + batch > len(feats) and it > 0:  # next epoch of the cached features
+            order, start = torch.randperm(len(feats), device=device), 0
+        f = feats[order[start:start + batch]].float()
+        loss = F.mse_loss(ae(f), f)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ae.eval()
+    with torch.no_grad():
+        errs = torch.cat([((ae(f.float()) - f.float()) ** 2).mean(1) for f in feats.split(1024)])
+        selector.tau[task] = torch.quantile(errs, 0.99)
+        selector.trained[task] = True
+    return loss.item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -657,12 +802,16 @@ class Relabeled(torch.utils.data.Dataset):
         return x, int(self.position[y])
 
 
+def to_rgb(image):  # a module-level function, so DataLoader workers can pickle the transform
+    return image.convert("RGB")
+
+
 def transforms(resolution: int):
     """CLIP's preprocessing (spec 1). Train: RandomResizedCrop(scale 0.9-1, bicubic), no flip; eval:
     Resize + CenterCrop. Both end in CLIP's normalisation."""
     import torchvision.transforms as T
     bicubic = T.InterpolationMode.BICUBIC
-    tail = [lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    tail = [to_rgb, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     train = T.Compose([T.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] + tail)
     test = T.Compose([T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)] + tail)
     return train, test
@@ -702,7 +851,7 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
         from torchvision.datasets.folder import default_loader
         self.loader, self.transform = default_loader, transform
         self.wnids = open(os.path.join(base, "wnids.txt")).read().split()
-        index = {w: i for i, w in enumerate(self.wnids)}
+        index = {w: i for i, w in enumerate(TINYIMAGENET_NAMES)}  # the standard wnids.txt order (spec App. B)
         if split == "train":
             self.items = [(os.path.join(base, "train", w, "images", f), index[w]) for w in self.wnids
                           for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
@@ -733,7 +882,7 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
     if sorted(train.wnids) != sorted(TINYIMAGENET_NAMES):
         raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
     position = np.argsort(TINYIMAGENET_ORDER)
-    names = [TINYIMAGENET_NAMES[train.wnids[c]] for c in TINYIMAGENET_ORDER]
+    names = [list(TINYIMAGENET_NAMES.values())[c] for c in TINYIMAGENET_ORDER]
     return Benchmark(names, even_splits(200, cfg.tasks, base=100), Relabeled(train, position),
                      Relabeled(test, position), position[np.asarray(train.targets)],
                      position[np.asarray(test.targets)])
@@ -905,9 +1054,9 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         with autocast_for(cfg, device):
             img = encode_images(model, x, torch.full((len(x),), router, device=device))
             txt = encode_texts(model, tokens, torch.full((len(tokens),), router, device=device))
-            loss = F.cross_entropy(clip_logits(model, img, txt).float(), y, label_smoothing=cfg.label_smoothing)
-            if cfg.balance_coef > 0:
-                loss = loss + cfg.balance_coef * sum(a.aux_loss for a in adapters(model) if a.aux_loss is not None)
+        loss = F.cross_entropy(clip_logits(model, img.float(), txt.float()), y, label_smoothing=cfg.label_smoothing)
+        if cfg.balance_coef > 0:
+            loss = loss + cfg.balance_coef * sum(a.aux_loss.float() for a in adapters(model) if a.aux_loss is not None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -930,8 +1079,8 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
 # ------------------------------------------------------------------------------------------------
 
 def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
-    """Router for the test images of `task`: None = untouched CLIP. Per-task routers use the known task
-    id here (an oracle, until the DDAS selector decides it)."""
+    """Router for the test images of `task` when no selector decides: None = untouched CLIP. Per-task
+    routers without --ddas use the known task id (an oracle)."""
     if cfg.method == "zeroshot":
         return None
     if cfg.routers == "per-task":
@@ -943,7 +1092,8 @@ def routing_note(cfg: Config) -> str:
     if cfg.method == "zeroshot":
         return "untouched CLIP"
     if cfg.routers == "per-task":
-        return "per-task routers chosen by the known task id of each test image (oracle; no DDAS yet)"
+        return ("per-task routers chosen per image by DDAS (no task id)" if cfg.ddas else
+                "per-task routers chosen by the known task id of each test image (oracle)")
     return "one shared router, no task id"
 
 
@@ -960,30 +1110,59 @@ def class_embeddings(model, prompts: list[str], route: int | None, device, cfg: 
 
 
 @torch.no_grad()
-def evaluate(model, cfg: Config, bench: Benchmark, t: int, device) -> tuple[list, list]:
-    """Row t of the accuracy matrix (percent) and the number of test images of each task."""
+def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None):
+    """Row t of the accuracy matrix (percent), the number of test images of each task, and where the
+    test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]."""
     model.eval()
     prompts = [cfg.prompt.format(n) for n in bench.class_names]
-    text = {}
-    accs, counts = [], []
-    for j in range(len(bench.splits)):
-        route = eval_route(cfg, j, t)
+    text = {}  # router (None = untouched CLIP) -> class embeddings of every class, once per evaluation
+
+    def text_for(route):
         if route not in text:
             text[route] = class_embeddings(model, prompts, route, device, cfg)
+        return text[route]
+
+    T = len(bench.splits)
+    accs, counts, sent = [], [], []
+    for j in range(T):
         hi = bench.splits[max(t, j)][1]                                  # classes the model may answer with
         loader = torch.utils.data.DataLoader(bench.subset("test", j), batch_size=cfg.eval_batch_size,
                                              num_workers=cfg.workers, pin_memory=device.type == "cuda")
         correct, n = torch.zeros((), dtype=torch.long, device=device), 0
+        where = torch.zeros(n_routers(cfg) + 1, dtype=torch.long, device=device)
         for x, y in tqdm(loader, desc=f"eval on task {j + 1}", disable=None, leave=False):
             x, y = x.to(device, non_blocking=True), y.to(device)
-            r = None if route is None else torch.full((len(x),), route, device=device)
+            if selector is not None:
+                r = selector.select(x)                                   # [N], -1 = untouched CLIP
+            else:
+                fixed = eval_route(cfg, j, t)
+                r = None if fixed is None else torch.full((len(x),), fixed, device=device)
             with autocast_for(cfg, device):
                 img = F.normalize(encode_images(model, x, r).float(), dim=-1)
-            correct += ((img @ text[route][:hi].T).argmax(1) == y).sum()
+            if r is None:
+                logits = img @ text_for(None)[:hi].T
+                where[0] += len(x)
+            else:  # each image against the class embeddings made with its own router
+                logits = torch.empty(len(x), hi, device=device)
+                for q in r.unique().tolist():
+                    m = r == q
+                    logits[m] = img[m] @ text_for(q if q >= 0 else None)[:hi].T
+                where += torch.bincount(r + 1, minlength=len(where))
+            correct += (logits.argmax(1) == y).sum()
             n += len(y)
         accs.append(100.0 * correct.item() / max(n, 1))
         counts.append(n)
-    return accs, counts
+        sent.append(where.tolist())
+    return accs, counts, sent
+
+
+def routing_rates(sent: list, t: int) -> dict:
+    """From evaluate()'s counts: the share of test images of learned tasks (j <= t) sent to their own
+    router, and of later tasks (j > t) sent to the untouched CLIP."""
+    own = sum(s[j + 1] for j, s in enumerate(sent[:t + 1])) / max(sum(map(sum, sent[:t + 1])), 1)
+    later = sent[t + 1:]
+    to_clip = sum(s[0] for s in later) / sum(map(sum, later)) if later else None
+    return {"own_router": own, "unseen_to_clip": to_clip, "destinations": sent}
 
 
 def continual_metrics(A: list, n: list, t: int) -> dict:
@@ -993,7 +1172,8 @@ def continual_metrics(A: list, n: list, t: int) -> dict:
       avg_acc    = mean_{i<=t} acc_i                           average incremental accuracy ("Avg")
       forgetting = mean_{j<t} (max_{j<=l<t} A[l][j] - A[t][j])  (Chaudhry et al. 2018; 0 at t=0)
       bwt        = mean_{j<i<=t} (A[i][j] - A[j][j])           backward transfer (Lopez-Paz & Ranzato 2017)
-      fwt        = mean_{1<=i<=t} A[i-1][i]                    next task before training on it (continuum)
+      fwt        = mean_{1<=i<=t} A[i-1][i]                    next task before training on it (GEM, no baseline)
+    These are the textbook definitions; continuum's own forgetting/bwt (in the authors' logs) differ slightly.
     """
     A = np.asarray(A, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
@@ -1003,6 +1183,17 @@ def continual_metrics(A: list, n: list, t: int) -> dict:
     fwt = float(np.mean([A[i - 1, i] for i in range(1, t + 1)])) if t else 0.0
     return {"task": t, "acc": accs[t], "avg_acc": float(np.mean(accs)), "forgetting": forgetting,
             "acc_per_task": [float(a) for a in A[t, :t + 1]], "bwt": bwt, "fwt": fwt}
+
+
+def mtil_metrics(matrix) -> dict:
+    """MTIL summary of an accuracy matrix A (row i = model after task i, column j = data set j, in
+    training order; spec 6.2, as ZSCL's notebook):
+      transfer = mean_{j>=1} mean_{i<j} A[i][j]   (the strict upper triangle: before data set j is learned)
+      avg      = mean of all entries
+      last     = mean of the last row"""
+    A = np.asarray(matrix, dtype=np.float64)
+    transfer = float(np.mean([A[:j, j].mean() for j in range(1, A.shape[1])])) if A.shape[1] > 1 else float("nan")
+    return {"transfer": transfer, "avg": float(A.mean()), "last": float(A[-1].mean())}
 
 
 def write_metrics(out: str, state: dict, n_tasks: int) -> None:
@@ -1037,41 +1228,52 @@ def run_identity(cfg: Config) -> dict:
 
 def rng_states() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
             else [], "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
 def set_rng_states(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict) -> None:
+def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict,
+                    selector: TaskSelector | None = None) -> None:
     trainable = {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {}
     ckpt = {"format": CHECKPOINT_FORMAT, "config": run_identity(cfg), "next_task": len(state["rows"]),
-            "trainable": trainable, "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"],
-            "rng": rng_states()}
+            "trainable": trainable, "ddas": selector.state_dict() if selector is not None else {},
+            "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "rng": rng_states()}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint.pt
 
 
-def load_checkpoint(path: str, model: nn.Module | None, cfg: Config) -> dict:
-    fix = "start afresh with another --output-dir (or --overwrite this one)"
+CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
+
+
+def read_checkpoint(path: str, cfg: Config) -> dict:
+    """Load a checkpoint and refuse (one line) a corrupt one or one of another configuration."""
+    fix = CHECKPOINT_FIX
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is unreadable or corrupt ({type(e).__name__}): {fix}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
         raise UsageError(f"{path} is not a checkpoint of this script: {fix}")
     mine = run_identity(cfg)
     for k in sorted(set(mine) | set(ckpt["config"])):
         if ckpt["config"].get(k) != mine.get(k):
             raise UsageError(f"{path} was written with --{k.replace('_', '-')} {ckpt['config'].get(k)!r} but this "
                              f"run has {mine.get(k)!r}: resume with the same settings, or {fix}")
+    return ckpt
+
+
+def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: TaskSelector | None = None) -> dict:
+    """read_checkpoint, then restore the trainable state, the DDAS autoencoders and the RNG states."""
+    fix, ckpt = CHECKPOINT_FIX, read_checkpoint(path, cfg)
     if model is not None:
         try:
             missing, unexpected = model.load_state_dict(ckpt["trainable"], strict=False)
@@ -1079,6 +1281,11 @@ def load_checkpoint(path: str, model: nn.Module | None, cfg: Config) -> dict:
             missing, unexpected = [], ["?"]
         if unexpected or any(".moe." in k for k in missing):
             raise UsageError(f"{path} does not match this model's adapters: {fix}")
+    if selector is not None:
+        try:
+            selector.load_state_dict(ckpt.get("ddas", {}))
+        except RuntimeError:
+            raise UsageError(f"{path} does not match this run's DDAS autoencoders: {fix}") from None
     set_rng_states(ckpt["rng"])
     return ckpt
 
@@ -1103,6 +1310,8 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
         raise UsageError(f"{out} already holds a run ({', '.join(saved)}): add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --output-dir")
     if check_only:
+        if cfg.resume:
+            read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # refuse a foreign checkpoint before any download
         return out
     os.makedirs(out, exist_ok=True)
     if cfg.overwrite:
@@ -1137,11 +1346,15 @@ def run(cfg: Config) -> dict:
         add_moe_adapters(model, cfg)
     model.to(device)
     bench = load_benchmark(cfg, model.visual.input_resolution)
-    out = prepare_output_dir(cfg)
     T = len(bench.splits)
+    if cfg.device == "auto" and device.type == "cpu" and cfg.dataset != "synthetic":
+        print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
+              file=sys.stderr)
+    selector = TaskSelector(cfg, model, T).to(device) if cfg.ddas else None
+    out = prepare_output_dir(cfg)
     state, ckpt_path = {"matrix": [], "counts": [], "rows": []}, os.path.join(out, "checkpoint.pt")
     if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
-        ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg)
+        ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
         state = {k: ckpt[k] for k in ("matrix", "counts", "rows")}
         model.to(device)
         write_metrics(out, state, T)
@@ -1150,13 +1363,18 @@ def run(cfg: Config) -> dict:
     for t in range(len(state["rows"]), T):
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device)
-        accs, state["counts"] = evaluate(model, cfg, bench, t, device)
+        if selector is not None:
+            fit_selector(selector, cfg, torch.utils.data.DataLoader(bench.subset("train", t), batch_size=64,
+                                                                    shuffle=True, num_workers=cfg.workers), t, device)
+        accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector)
         state["matrix"].append(accs)
         lo, hi = bench.splits[t]
         row = continual_metrics(state["matrix"], state["counts"], t)
         row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg))
+        if cfg.routers == "per-task" and cfg.method == "moe-adapters":
+            row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
-        save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state)
+        save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
         write_metrics(out, state, T)
         print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
               f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
@@ -1178,6 +1396,8 @@ DEMO_RUNS = {  # label -> overrides; the last one uses an oracle and is labelled
 def run_demo(args: dict) -> dict:
     """Offline demo: the synthetic world and the tiny CLIP, the methods side by side, one table."""
     import time
+    if args.get("dry_run") or args.get("resume"):
+        raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
     base = args.get("output_dir") or os.path.join("runs", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     results = {}
     for label, overrides in DEMO_RUNS.items():
