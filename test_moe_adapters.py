@@ -758,7 +758,7 @@ def test_demo_prints_table_matching_each_methods_metrics(demo_run):
         m = DEMO_ROW.match(line)
         if m:
             table[m["label"]] = {k: float(m[k]) for k in ("avg", "last", "forgetting")}
-    assert {"zeroshot", "finetune", "moe-adapters"} <= set(table), proc.stdout
+    assert {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"} <= set(table), proc.stdout
     for label, vals in table.items():
         folder = out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")  # "moe-adapters full*" -> ...-full
         rows = read_jsonl(folder / "metrics.jsonl")
