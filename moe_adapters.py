@@ -99,6 +99,7 @@ class Config:
     weight_decay: float = 0.0          # AdamW weight decay
     warmup: int = 30                   # linear warm-up steps, then cosine to 0
     epochs: int = 1                    # epochs per task
+    iterations: int = 0                # steps per task instead of epochs (MTIL: 1000); 0 = use --epochs
     batch_size: int = 128              # training batch size
     eval_batch_size: int = 64          # evaluation batch size
     label_smoothing: float = 0.0       # cross-entropy label smoothing
@@ -114,8 +115,8 @@ class Config:
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
 
 
-CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "synthetic"], "method": ["moe-adapters", "finetune", "zeroshot"],
-           "preset": ["", "cil", "full"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
+CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "synthetic", "synthetic-mtil"], "method": ["moe-adapters", "finetune", "zeroshot"],
+           "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
            "device": ["auto", "cpu", "cuda"]}
 
 # The authors' class-incremental configuration (spec 5.1, quirk Q5): a dense mixture of 2 experts
@@ -125,16 +126,20 @@ PRESETS = {
                 epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
     "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0, warmup=30,
                  epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
+    # MTIL full-shot (spec 5.2): the learning rate of each data set comes with the data set
+    "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0,
+                 warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2),
 }
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
     "cifar100": dict(preset="cil", tasks=10),
     "tinyimagenet": dict(preset="cil", tasks=10),
     "synthetic": dict(preset="cil", tasks=4, clip_model="tiny"),
+    "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny"),  # 4 rendering styles
 }
 # applied after the preset: the tiny CLIP on the synthetic world trains on 960 images per task, which
 # one epoch at lr 1e-3 barely moves; every value can still be overridden by its flag
-SYNTHETIC_SCHEDULE = dict(epochs=6, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256, workers=0,
-                          ddas_features="clip")
+SYNTHETIC_SCHEDULE = dict(epochs=6, iterations=0, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256,
+                          workers=0, ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
     "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),
     "zeroshot": dict(ddas=False),
@@ -182,7 +187,7 @@ def resolve_config(args: dict) -> Config:
     preset = given.get("preset") or values["preset"]
     values.update(PRESETS[preset])
     values["preset"] = preset
-    if given.get("dataset", values["dataset"]) == "synthetic":
+    if given.get("dataset", values["dataset"]).startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
     ds, tasks = given.get("dataset", values["dataset"]), given.get("tasks", values["tasks"])
     if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and tasks == 50)):
@@ -195,6 +200,8 @@ def resolve_config(args: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    if cfg.iterations < 0:
+        raise UsageError(f"--iterations must be >= 0, got {cfg.iterations}")
     for name in ("tasks", "experts", "top_k", "bottleneck", "epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -211,7 +218,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--top-k {cfg.top_k} is greater than --experts {cfg.experts}: choose top-k <= experts")
     if cfg.freeze and cfg.freeze_top > cfg.experts:
         raise UsageError(f"--freeze-top {cfg.freeze_top} is greater than --experts {cfg.experts}")
-    n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES)}[cfg.dataset]
+    if cfg.dataset == "synthetic-mtil" and cfg.tasks != len(SYN_STYLES):
+        raise UsageError(f"--dataset synthetic-mtil has {len(SYN_STYLES)} domains: drop --tasks or use --tasks 4")
+    n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES),
+                 "synthetic-mtil": len(SYNTHETIC_TASK_CLASSES)}[cfg.dataset]
     if n_classes % cfg.tasks:
         what = "the 100 classes after the base" if cfg.dataset == "tinyimagenet" else f"the {n_classes} classes"
         raise UsageError(f"--tasks {cfg.tasks} does not divide {what} of {cfg.dataset}: use a divisor such as "
@@ -221,7 +231,7 @@ def validate(cfg: Config) -> None:
                          f"{', '.join(m for m in clip.available_models() if m.startswith('ViT'))}")
     if cfg.clip_model.startswith("RN"):
         raise UsageError(f"--clip-model {cfg.clip_model} is a ResNet: MoE-Adapters needs a ViT CLIP (e.g. ViT-B/16)")
-    if cfg.dataset == "synthetic" and cfg.clip_model != "tiny":
+    if cfg.dataset.startswith("synthetic") and cfg.clip_model != "tiny":
         raise UsageError("--dataset synthetic needs --clip-model tiny (its images are 32x32)")
     if cfg.clip_model == "tiny" and cfg.clip_weights not in ("", "random"):
         raise UsageError("--clip-model tiny is built and pretrained here; --clip-weights takes only 'random' with it")
@@ -781,6 +791,9 @@ class Benchmark:
     test: torch.utils.data.Dataset
     train_labels: np.ndarray   # ordered label of every training item
     test_labels: np.ndarray
+    kind: str = "cil"          # cil: classify among all classes seen so far; mtil: among the task's own classes
+    templates: list = None     # per task, its prompt templates (training uses the first; evaluation averages all)
+    task_names: list = None    # per task, e.g. the data set's name
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
         labels = self.train_labels if split == "train" else self.test_labels
@@ -910,9 +923,13 @@ def syn_name(pair) -> str:
     return f"{list(SYN_COLOURS)[pair[0]]} {SYN_SHAPES[pair[1]]}"
 
 
-def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32) -> torch.Tensor:
+SYN_STYLES = ["photo", "on white", "outline", "noisy"]  # the domains of --dataset synthetic-mtil
+
+
+def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32, style: str = "photo") -> torch.Tensor:
     """Draw one image per (colour, shape) row of `pairs` [n, 2]: a jittered coloured shape of random
-    position and size on a random dark textured background. Returns CLIP-normalised [n, 3, size, size]."""
+    position and size on a random dark textured background ("photo"), on a light one ("on white"), as
+    an outline ("outline") or at low contrast under heavy noise ("noisy"). CLIP-normalised [n, 3, s, s]."""
     n = pairs.shape[0]
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=gen)
     R, cx, cy = u(6, 11), u(11, size - 11), u(11, size - 11)
@@ -929,10 +946,16 @@ def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32) -> 
                          ((ax - ay).abs() < R / 3.5) & (torch.maximum(ax, ay) < 0.8 * R),  # cross
                          (ay < R / 3) & (ax < R)], 1)                              # bar   [n, 8, H, W]
     mask = masks[torch.arange(n), pairs[:, 1]].float()[:, None]                    # [n, 1, H, W]
+    if style == "outline":  # the mask minus its erosion
+        mask = mask - (1 - F.max_pool2d(1 - mask, 3, stride=1, padding=1))
     colour = torch.tensor(list(SYN_COLOURS.values()))[pairs[:, 0]]
     fg = (colour + 0.08 * torch.randn(n, 3, generator=gen)).clamp(0, 1)[:, :, None, None]
     bg = 0.35 * torch.rand(n, 3, 1, 1, generator=gen) + 0.1 * torch.rand(n, 3, size, size, generator=gen)
+    if style == "on white":
+        bg = 1 - bg
     img = (bg * (1 - mask) + fg * mask + 0.03 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
+    if style == "noisy":
+        img = (0.5 + 0.5 * (img - 0.5) + 0.15 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (img - mean) / std
 
@@ -949,6 +972,24 @@ def load_synthetic(cfg: Config) -> Benchmark:
     (train, ytr), (test, yte) = draw(SYN_TRAIN_PER_CLASS), draw(SYN_TEST_PER_CLASS)
     return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], even_splits(len(pairs), cfg.tasks),
                      train, test, ytr, yte)
+
+
+def load_synthetic_mtil(cfg: Config) -> Benchmark:
+    """A multi-domain benchmark in the same world: one task per rendering style, each with 8 classes of
+    its own (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
+    gen = torch.Generator().manual_seed(4321)
+    splits = even_splits(len(SYNTHETIC_TASK_CLASSES), len(SYN_STYLES))
+    pairs = torch.tensor(SYNTHETIC_TASK_CLASSES)
+
+    def draw(per_class):
+        labels = torch.arange(len(pairs)).repeat_interleave(per_class)
+        images = torch.cat([render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
+                            for style, (lo, hi) in zip(SYN_STYLES, splits)])
+        return torch.utils.data.TensorDataset(images, labels), labels.numpy()
+
+    (train, ytr), (test, yte) = draw(SYN_TRAIN_PER_CLASS), draw(SYN_TEST_PER_CLASS)
+    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], splits, train, test, ytr, yte, kind="mtil",
+                     templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
 
 
 def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dict:
@@ -995,8 +1036,10 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
 
 
 def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
-    bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet,
-             "synthetic": lambda c, r: load_synthetic(c)}[cfg.dataset](cfg, resolution)
+    bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "synthetic": lambda c, r: load_synthetic(c),
+             "synthetic-mtil": lambda c, r: load_synthetic_mtil(c)}[cfg.dataset](cfg, resolution)
+    if bench.templates is None:  # class-incremental: the one prompt of --prompt
+        bench.templates = [[cfg.prompt]] * len(bench.splits)
     if cfg.clean_names:  # quirk Q3 fixed on request: "maple_tree" -> "maple tree"
         bench.class_names = [n.replace("_", " ") for n in bench.class_names]
     return bench
@@ -1031,13 +1074,14 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     lo, hi = bench.splits[task]
     loader = torch.utils.data.DataLoader(bench.subset("train", task), batch_size=cfg.batch_size, shuffle=True,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    tokens = tokenize([cfg.prompt.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
+    template = bench.templates[task][0]                                 # MTIL: the data set's first template
+    tokens = tokenize([template.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
     router = router_of_task(cfg, task)
     for a in adapters(model):
         a.begin_task(router)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    steps = len(loader) * cfg.epochs
+    steps = cfg.iterations or len(loader) * cfg.epochs
     model.train()
     batches = iter(loader)
     bar = tqdm(range(steps + int(cfg.extra_step)), desc=f"task {task + 1}/{len(bench.splits)}", disable=None,
@@ -1098,34 +1142,42 @@ def routing_note(cfg: Config) -> str:
 
 
 @torch.no_grad()
-def class_embeddings(model, prompts: list[str], route: int | None, device, cfg: Config) -> torch.Tensor:
-    """L2-normalised text embeddings [C, D] of the prompts, computed once per (router, class set)."""
+def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Config) -> torch.Tensor:
+    """L2-normalised text embeddings [C, D] of every class, computed once per (router, class set). A
+    class with several templates gets the renormalised mean of its normalised prompt embeddings (spec 9.3)."""
     out = []
-    for i in range(0, len(prompts), 256):
-        tokens = tokenize(prompts[i:i + 256], device)
-        r = None if route is None else torch.full((len(tokens),), route, device=device)
-        with autocast_for(cfg, device):
-            out.append(F.normalize(encode_texts(model, tokens, r).float(), dim=-1))
+    for (lo, hi), templates in zip(bench.splits, bench.templates):
+        prompts = [tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates]
+        emb = []
+        for i in range(0, len(prompts), 256):
+            tokens = tokenize(prompts[i:i + 256], device)
+            r = None if route is None else torch.full((len(tokens),), route, device=device)
+            with autocast_for(cfg, device):
+                emb.append(F.normalize(encode_texts(model, tokens, r).float(), dim=-1))
+        emb = torch.cat(emb)
+        if len(templates) > 1:
+            emb = F.normalize(emb.view(hi - lo, len(templates), -1).mean(1), dim=-1)
+        out.append(emb)
     return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None):
     """Row t of the accuracy matrix (percent), the number of test images of each task, and where the
-    test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]."""
+    test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...].
+    Class-incremental: among all classes seen so far; MTIL: among the task's own classes."""
     model.eval()
-    prompts = [cfg.prompt.format(n) for n in bench.class_names]
     text = {}  # router (None = untouched CLIP) -> class embeddings of every class, once per evaluation
 
     def text_for(route):
         if route not in text:
-            text[route] = class_embeddings(model, prompts, route, device, cfg)
+            text[route] = class_embeddings(model, bench, route, device, cfg)
         return text[route]
 
     T = len(bench.splits)
     accs, counts, sent = [], [], []
     for j in range(T):
-        hi = bench.splits[max(t, j)][1]                                  # classes the model may answer with
+        lo, hi = bench.splits[j] if bench.kind == "mtil" else (0, bench.splits[max(t, j)][1])  # possible answers
         loader = torch.utils.data.DataLoader(bench.subset("test", j), batch_size=cfg.eval_batch_size,
                                              num_workers=cfg.workers, pin_memory=device.type == "cuda")
         correct, n = torch.zeros((), dtype=torch.long, device=device), 0
@@ -1140,15 +1192,15 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
             with autocast_for(cfg, device):
                 img = F.normalize(encode_images(model, x, r).float(), dim=-1)
             if r is None:
-                logits = img @ text_for(None)[:hi].T
+                logits = img @ text_for(None)[lo:hi].T
                 where[0] += len(x)
             else:  # each image against the class embeddings made with its own router
-                logits = torch.empty(len(x), hi, device=device)
+                logits = torch.empty(len(x), hi - lo, device=device)
                 for q in r.unique().tolist():
                     m = r == q
-                    logits[m] = img[m] @ text_for(q if q >= 0 else None)[:hi].T
+                    logits[m] = img[m] @ text_for(q if q >= 0 else None)[lo:hi].T
                 where += torch.bincount(r + 1, minlength=len(where))
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits.argmax(1) + lo == y).sum()
             n += len(y)
         accs.append(100.0 * correct.item() / max(n, 1))
         counts.append(n)
@@ -1196,12 +1248,20 @@ def mtil_metrics(matrix) -> dict:
     return {"transfer": transfer, "avg": float(A.mean()), "last": float(A[-1].mean())}
 
 
-def write_metrics(out: str, state: dict, n_tasks: int) -> None:
-    """metrics.jsonl (one row per task, then {"last", "avg"} when the run is complete) and
+def summary_of(state: dict, kind: str) -> dict:
+    """The run's headline numbers: Last and Avg (class-incremental, spec 6.1) or Transfer, Avg and Last
+    of the full accuracy matrix (MTIL, spec 6.2)."""
+    if kind == "mtil":
+        return mtil_metrics(state["matrix"])
+    return {"last": state["rows"][-1]["acc"], "avg": state["rows"][-1]["avg_acc"]}
+
+
+def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> None:
+    """metrics.jsonl (one row per task, then the summary when the run is complete) and
     accuracy_matrix.csv, rewritten whole from the saved state each time."""
     rows = [json.dumps(r) for r in state["rows"]]
     if len(state["rows"]) == n_tasks:
-        rows.append(json.dumps({"last": state["rows"][-1]["acc"], "avg": state["rows"][-1]["avg_acc"]}))
+        rows.append(json.dumps(summary_of(state, kind)))
     atomic_write(os.path.join(out, "metrics.jsonl"), "\n".join(rows) + "\n")
     header = "after_task," + ",".join(f"task_{j}" for j in range(n_tasks))
     lines = [f"{i}," + ",".join(f"{a:.4f}" for a in row) for i, row in enumerate(state["matrix"])]
@@ -1357,7 +1417,7 @@ def run(cfg: Config) -> dict:
         ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
         state = {k: ckpt[k] for k in ("matrix", "counts", "rows")}
         model.to(device)
-        write_metrics(out, state, T)
+        write_metrics(out, state, T, bench.kind)
         print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
     atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     for t in range(len(state["rows"]), T):
@@ -1375,11 +1435,11 @@ def run(cfg: Config) -> dict:
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
         save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
-        write_metrics(out, state, T)
+        write_metrics(out, state, T, bench.kind)
         print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
               f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
     last = state["rows"][-1]
-    return {"last": last["acc"], "avg": last["avg_acc"], "forgetting": last["forgetting"], "bwt": last["bwt"],
+    return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
             "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
             "tasks": T, "routing": routing_note(cfg), "routes": last.get("routes"), "output_dir": out,
             "trainable_params": parameter_table(model)["trainable_params"]}
