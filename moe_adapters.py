@@ -127,7 +127,7 @@ PRESETS = {
                 epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
     "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0, warmup=30,
                  epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
-    # MTIL full-shot (spec 5.2): the learning rate of each data set comes with the data set
+    # MTIL full-shot (spec 5.2); the per-data-set learning rates arrive with the 11 data sets (not yet here)
     "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0,
                  warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2),
 }

@@ -1088,3 +1088,23 @@ def test_rendering_styles_differ_but_photo_is_the_class_incremental_world():
         for b in M.SYN_STYLES:
             if a < b:
                 assert (imgs[a] - imgs[b]).abs().mean() > 0.1, (a, b)
+
+
+def test_resume_in_the_middle_of_a_multi_domain_run(small_synthetic, tmp_path, monkeypatch):
+    args = ["--dataset", "synthetic-mtil", "--clip-weights", "random", "--epochs", "1", "--ddas-iters", "20"]
+    full = M.main(args + ["--output-dir", str(tmp_path / "a")])
+    real_train_task = M.train_task
+
+    def interrupted(model, cfg, bench, task, device):
+        if task == 2:
+            raise KeyboardInterrupt
+        return real_train_task(model, cfg, bench, task, device)
+
+    monkeypatch.setattr(M, "train_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        M.main(args + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(M, "train_task", real_train_task)
+    resumed = M.main(args + ["--output-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert (resumed["transfer"], resumed["avg"], resumed["last"]) == (full["transfer"], full["avg"], full["last"])
+    assert read_jsonl(str(tmp_path / "a" / "metrics.jsonl")) == read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
