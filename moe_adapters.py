@@ -1389,6 +1389,12 @@ def dry_run(cfg: Config) -> dict:
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     table = parameter_table(model)
+    if cfg.ddas:  # counted apart from the trainable adapters, as the paper does
+        res = model.visual.input_resolution
+        g = ((res + 4 - 11) // 4 + 1 - 3) // 2 + 1                       # AlexNet conv1 (k11 s4 p2), max-pool 3/2
+        g = (g - 3) // 2 + 1                                             # conv2 keeps the size, max-pool 3/2
+        dim = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]
+        table["ddas_autoencoders"] = n_tasks_total(cfg) * (2 * dim * cfg.ddas_hidden + cfg.ddas_hidden + dim)
     print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
           f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
     for k, v in table.items():

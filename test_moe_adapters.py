@@ -1108,3 +1108,12 @@ def test_resume_in_the_middle_of_a_multi_domain_run(small_synthetic, tmp_path, m
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert (resumed["transfer"], resumed["avg"], resumed["last"]) == (full["transfer"], full["avg"], full["last"])
     assert read_jsonl(str(tmp_path / "a" / "metrics.jsonl")) == read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_dry_run_counts_ddas_autoencoders_apart(tmp_path):
+    """Spec 2.5: one AlexNet-feature autoencoder has 43264*100 + 100 + 100*43264 + 43264 = 8,696,164 parameters."""
+    out = M.main(["--dry-run", "--clip-weights", "random", "--preset", "full", "--data-root", str(tmp_path / "none")])
+    assert out["trainable_params"] == 50_383_872
+    assert out["ddas_autoencoders"] == 10 * 8_696_164
+    clip_feats = M.main(["--dry-run", "--clip-weights", "random", "--preset", "full", "--ddas-features", "clip"])
+    assert clip_feats["ddas_autoencoders"] == 10 * (2 * 512 * 100 + 100 + 512)
