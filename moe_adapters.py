@@ -101,6 +101,9 @@ class Config:
     warmup: int = 30                   # linear warm-up steps, then cosine to 0
     epochs: int = 1                    # epochs per task
     iterations: int = 0                # steps per task instead of epochs (MTIL: 1000); 0 = use --epochs
+    dataset_lr: bool = False           # MTIL: each data set's own learning rate (spec 5.2/5.3) instead of --lr
+    order: str = "I"                   # MTIL data set order: I (Aircraft first) or II (StanfordCars first)
+    shots: int = 0                     # MTIL few-shot: training images per class (spec 5.3: 5); 0 = all
     batch_size: int = 128              # training batch size
     eval_batch_size: int = 64          # evaluation batch size
     label_smoothing: float = 0.0       # cross-entropy label smoothing
@@ -116,7 +119,7 @@ class Config:
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
 
 
-CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "synthetic", "synthetic-mtil"], "method": ["moe-adapters", "finetune", "zeroshot"],
+CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"], "method": ["moe-adapters", "finetune", "zeroshot"],
            "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
            "device": ["auto", "cpu", "cuda"]}
 
@@ -129,17 +132,19 @@ PRESETS = {
                  epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
     # MTIL full-shot (spec 5.2); the per-data-set learning rates arrive with the 11 data sets (not yet here)
     "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0,
-                 warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2),
+                 warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2,
+                 dataset_lr=True),
 }
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
     "cifar100": dict(preset="cil", tasks=10),
     "tinyimagenet": dict(preset="cil", tasks=10),
     "synthetic": dict(preset="cil", tasks=4, clip_model="tiny"),
+    "mtil": dict(preset="mtil", tasks=11),
     "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny"),  # 4 rendering styles
 }
 # applied after the preset: the tiny CLIP on the synthetic world trains on 960 images per task, which
 # one epoch at lr 1e-3 barely moves; every value can still be overridden by its flag
-SYNTHETIC_SCHEDULE = dict(epochs=6, iterations=0, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256,
+SYNTHETIC_SCHEDULE = dict(epochs=6, iterations=0, dataset_lr=False, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256,
                           workers=0, ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
     "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),
@@ -194,6 +199,10 @@ def resolve_config(args: dict) -> Config:
     if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and tasks == 50)):
         values["batch_size"] = 64  # the authors' configs for CIFAR-100 2-2 and TinyImageNet
     values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
+    if preset == "mtil" and given.get("shots"):
+        values["iterations"] = 500  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500)
+    if "lr" in given and "dataset_lr" not in given:
+        values["dataset_lr"] = False  # an explicit --lr wins over the per-data-set rates
     values.update(given)
     cfg = Config(**values)
     validate(cfg)
@@ -221,7 +230,11 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--freeze-top {cfg.freeze_top} is greater than --experts {cfg.experts}")
     if cfg.dataset == "synthetic-mtil" and cfg.tasks != len(SYN_STYLES):
         raise UsageError(f"--dataset synthetic-mtil has {len(SYN_STYLES)} domains: drop --tasks or use --tasks 4")
-    n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES),
+    if cfg.dataset == "mtil" and cfg.tasks != 11:
+        raise UsageError("--dataset mtil is 11 data sets, one task each: drop --tasks (see --order)")
+    if cfg.shots < 0:
+        raise UsageError(f"--shots must be >= 0, got {cfg.shots}")
+    n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES), "mtil": 11,
                  "synthetic-mtil": len(SYNTHETIC_TASK_CLASSES)}[cfg.dataset]
     if n_classes % cfg.tasks:
         what = "the 100 classes after the base" if cfg.dataset == "tinyimagenet" else f"the {n_classes} classes"
@@ -797,6 +810,7 @@ class Benchmark:
     kind: str = "cil"          # cil: classify among all classes seen so far; mtil: among the task's own classes
     templates: list = None     # per task, its prompt templates (training uses the first; evaluation averages all)
     task_names: list = None    # per task, e.g. the data set's name
+    lrs: list = None           # per task, its own learning rate (MTIL, spec 5.2), used with --dataset-lr
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
         labels = self.train_labels if split == "train" else self.test_labels
@@ -902,6 +916,172 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
     return Benchmark(names, even_splits(200, cfg.tasks, base=100), Relabeled(train, position),
                      Relabeled(test, position), position[np.asarray(train.targets)],
                      position[np.asarray(test.targets)])
+
+
+# -- MTIL: 11 data sets through torchvision (spec 9.1) --------------------------------------------
+MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluation averages all
+    "Aircraft": 'a photo of a {}, a type of aircraft.; a photo of the {}, a type of aircraft.',
+    "Caltech101": 'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a'
+        ' tattoo of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a '
+        'video game.; a plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; '
+        'a doodle of a {}.; a photo of the {}.; a painting of the {}.; the plastic {}.; a sculpture of '
+        'the {}.; a sketch of the {}.; a tattoo of the {}.; the toy {}.; a rendition of the {}.; the '
+        'embroidered {}.; the cartoon {}.; the {} in a video game.; the plushie {}.; the origami {}.; art'
+        ' of the {}.; graffiti of the {}.; a drawing of the {}.; a doodle of the {}.',
+    "CIFAR100": 'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast '
+        'photo of a {}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a '
+        'photo of a small {}.; a photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a '
+        'black and white photo of the {}.; a low contrast photo of the {}.; a high contrast photo of the '
+        '{}.; a bad photo of the {}.; a good photo of the {}.; a photo of the small {}.; a photo of the '
+        'big {}.',
+    "DTD": 'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} '
+        'object.; a photo of the {} texture.; a photo of the {} pattern.; a photo of the {} thing.; a '
+        'photo of the {} object.',
+    "EuroSAT": 'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite '
+        'photo of the {}.',
+    "Flowers": 'a photo of a {}, a type of flower.',
+    "Food": 'a photo of a {}, a type of food.',
+    "MNIST": 'a photo of the number: "{}".',
+    "OxfordPet": 'a photo of a {}, a type of pet.',
+    "StanfordCars": 'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love'
+        ' my {}!; a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my '
+        'old {}.',
+    "SUN397": 'a photo of a {}.; a photo of the {}.',
+}
+CALTECH101_NAMES = (  # spec Appendix C
+    'off-center face; centered face; leopard; motorbike; accordion; airplane; anchor; ant; barrel; bass; '
+    'beaver; binocular; bonsai; brain; brontosaurus; buddha; butterfly; camera; cannon; side of a car; '
+    'ceiling fan; cellphone; chair; chandelier; body of a cougar cat; face of a cougar cat; crab; '
+    'crayfish; crocodile; head of a  crocodile; cup; dalmatian; dollar bill; '
+    'dolphin; dragonfly; electric guitar; elephant; emu; euphonium; ewer; ferry; flamingo; head of a '
+    'flamingo; garfield; gerenuk; gramophone; grand piano; hawksbill; headphone; hedgehog; helicopter; '
+    'ibis; inline skate; joshua tree; kangaroo; ketch; lamp; laptop; llama; lobster; lotus; mandolin; '
+    'mayfly; menorah; metronome; minaret; nautilus; octopus; okapi; pagoda; panda; pigeon; pizza; '
+    'platypus; pyramid; revolver; rhino; rooster; saxophone; schooner; scissors; scorpion; sea horse; '
+    'snoopy (cartoon beagle); soccer ball; stapler; starfish; stegosaurus; stop sign; strawberry; '
+    'sunflower; tick; trilobite; umbrella; watch; water lilly; wheelchair; wild cat; windsor chair; '
+    'wrench; yin and yang symbol'
+).split("; ")
+EUROSAT_NAMES = (  # spec Appendix C
+    'annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or '
+    'commercial buildings; pasture land; permanent crop land; residential buildings or homes or '
+    'apartments; river; lake or sea'
+).split("; ")
+FLOWERS102_NAMES = (  # spec Appendix C
+    'pink primrose; hard-leaved pocket orchid; canterbury bells; sweet pea; english marigold; tiger lily;'
+    " moon orchid; bird of paradise; monkshood; globe thistle; snapdragon; colt's foot; king protea; "
+    'spear thistle; yellow iris; globe-flower; purple coneflower; peruvian lily; balloon flower; giant '
+    'white arum lily; fire lily; pincushion flower; fritillary; red ginger; grape hyacinth; corn poppy; '
+    'prince of wales feathers; stemless gentian; artichoke; sweet william; carnation; garden phlox; love '
+    'in the mist; mexican aster; alpine sea holly; ruby-lipped cattleya; cape flower; great masterwort; '
+    'siam tulip; lenten rose; barbeton daisy; daffodil; sword lily; poinsettia; bolero deep blue; '
+    'wallflower; marigold; buttercup; oxeye daisy; common dandelion; petunia; wild pansy; primula; '
+    'sunflower; pelargonium; bishop of llandaff; gaura; geranium; orange dahlia; pink-yellow dahlia; '
+    'cautleya spicata; japanese anemone; black-eyed susan; silverbush; californian poppy; osteospermum; '
+    'spring crocus; bearded iris; windflower; tree poppy; gazania; azalea; water lily; rose; thorn apple;'
+    ' morning glory; passion flower; lotus; toad lily; anthurium; frangipani; clematis; hibiscus; '
+    'columbine; desert-rose; tree mallow; magnolia; cyclamen; watercress; canna lily; hippeastrum; bee '
+    'balm; ball moss; foxglove; bougainvillea; camellia; mallow; mexican petunia; bromelia; blanket '
+    'flower; trumpet creeper; blackberry lily'
+).split("; ")
+
+MTIL_ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
+                "StanfordCars", "SUN397"]
+MTIL_ORDER_II = [MTIL_ORDER_I[i] for i in (9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2)]  # ZSCL's permutation (spec 5.2)
+MTIL_LR = dict(zip(MTIL_ORDER_I, (5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3)))  # spec 5.2
+MTIL_LR_FEW_SHOT = dict(zip(MTIL_ORDER_I, (8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 1e-4, 1e-2, 1e-2, 1e-2)))
+MTIL_FOLDERS = {"Aircraft": "fgvc-aircraft-2013b", "Caltech101": "caltech101", "CIFAR100": "cifar-100-python",
+                "DTD": "dtd", "EuroSAT": "eurosat", "Flowers": "flowers-102", "Food": "food-101", "MNIST": "MNIST",
+                "OxfordPet": "oxford-iiit-pet", "StanfordCars": "stanford_cars", "SUN397": "SUN397"}
+
+
+def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
+    """(train set, test set, class names) of one MTIL data set, its split as spec 9.1 gives it."""
+    import torchvision.datasets as D
+    full = lambda ds: (ds, [c.replace("_", " ") for c in getattr(ds, "classes", None) or ds.categories])
+    if name in ("Caltech101", "EuroSAT", "SUN397"):  # one folder, split 80/20 with seed 42
+        make = {"Caltech101": lambda: D.Caltech101(root, download=download),
+                "EuroSAT": lambda: D.EuroSAT(root, download=download), "SUN397": lambda: D.SUN397(root, download=download)}
+        ds, names = full(make[name]())
+        n_train = int(0.8 * len(ds))
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
+        names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name, names)
+        train, test = (Transformed(ds, perm[:n_train], train_tf), Transformed(ds, perm[n_train:], test_tf))
+        return train, test, names
+    split = {"Aircraft": lambda s, tf: D.FGVCAircraft(root, split=s, annotation_level="variant", transform=tf,
+                                                      download=download),
+             "CIFAR100": lambda s, tf: D.CIFAR100(root, train=s == "train", transform=tf, download=download),
+             "DTD": lambda s, tf: D.DTD(root, split=s, partition=1, transform=tf, download=download),
+             "Flowers": lambda s, tf: D.Flowers102(root, split=s, transform=tf, download=download),
+             "Food": lambda s, tf: D.Food101(root, split=s, transform=tf, download=download),
+             "MNIST": lambda s, tf: D.MNIST(root, train=s == "train", transform=tf, download=download),
+             "OxfordPet": lambda s, tf: D.OxfordIIITPet(root, split="trainval" if s == "train" else "test",
+                                                        transform=tf, download=download),
+             "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=download)}[name]
+    train, names = full(split("train", train_tf))
+    names = FLOWERS102_NAMES if name == "Flowers" else names
+    if name == "MNIST":
+        names = list(train.classes)  # "0 - zero", ... as torchvision names them
+    return train, split("test", test_tf), names
+
+
+class Transformed(torch.utils.data.Dataset):
+    """A subset of an untransformed data set, with its own transform (the 80/20 splits)."""
+
+    def __init__(self, ds, indices: list, transform):
+        self.ds, self.indices, self.transform = ds, indices, transform
+        self.targets = [labels_of(ds)[i] for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, y = self.ds[self.indices[i]]
+        return self.transform(image), y
+
+
+def labels_of(ds) -> list:
+    """Labels of a torchvision data set without loading its images."""
+    for attr in ("targets", "_labels", "y"):
+        if hasattr(ds, attr):
+            return [int(y) for y in getattr(ds, attr)]
+    return [int(y) for _, y in ds._samples]  # StanfordCars
+
+
+def load_mtil(cfg: Config, resolution: int) -> Benchmark:
+    """The 11 data sets in --order, one task each, concatenated into one label space (data set k owns a
+    contiguous label range), each classified among its own classes. Every missing folder is named at once."""
+    train_tf, test_tf = transforms(resolution)
+    root = os.path.expanduser(cfg.data_root)
+    order = MTIL_ORDER_I if cfg.order == "I" else MTIL_ORDER_II
+    parts, missing = [], []
+    for name in order:
+        try:
+            parts.append(mtil_dataset(name, root, cfg.download, train_tf, test_tf))
+        except Exception:  # RuntimeError "not found", or a failed download
+            missing.append(os.path.join(root, MTIL_FOLDERS[name]))
+    if missing:
+        raise UsageError(f"MTIL data missing or incomplete: {', '.join(missing)}: add --download (torchvision "
+                         f"fetches most of them) or place each data set there as torchvision expects it")
+    names, splits, train, test, ytr, yte = [], [], [], [], [], []
+    for tr, te, cls in parts:
+        lo = len(names)
+        names += cls
+        splits.append((lo, len(names)))
+        position = np.arange(len(cls)) + lo
+        tr_labels = np.asarray(labels_of(tr))
+        if cfg.shots:  # the first --shots images of each class in a seeded permutation (quirk Q18, fixed)
+            perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+            keep = [i for c in range(len(cls)) for i in perm[tr_labels[perm] == c][:cfg.shots]]
+            tr, tr_labels = torch.utils.data.Subset(tr, keep), tr_labels[keep]
+        train.append(Relabeled(tr, position))
+        test.append(Relabeled(te, position))
+        ytr.append(position[tr_labels])
+        yte.append(position[np.asarray(labels_of(te))])
+    cat = torch.utils.data.ConcatDataset
+    return Benchmark(names, splits, cat(train), cat(test), np.concatenate(ytr), np.concatenate(yte), kind="mtil",
+                     templates=[MTIL_TEMPLATES[n].split("; ") for n in order], task_names=list(order),
+                     lrs=[(MTIL_LR_FEW_SHOT if cfg.shots else MTIL_LR)[n] for n in order])
 
 
 # -- the synthetic world -------------------------------------------------------------------------
@@ -1039,7 +1219,8 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
 
 
 def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
-    bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "synthetic": lambda c, r: load_synthetic(c),
+    bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "mtil": load_mtil,
+             "synthetic": lambda c, r: load_synthetic(c),
              "synthetic-mtil": lambda c, r: load_synthetic_mtil(c)}[cfg.dataset](cfg, resolution)
     if bench.templates is None:  # class-incremental: the one prompt of --prompt
         bench.templates = [[cfg.prompt]] * len(bench.splits)
@@ -1082,7 +1263,8 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     router = router_of_task(cfg, task)
     for a in adapters(model):
         a.begin_task(router)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+    base_lr = bench.lrs[task] if cfg.dataset_lr and bench.lrs else cfg.lr
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
                             weight_decay=cfg.weight_decay)
     steps = cfg.iterations or len(loader) * cfg.epochs
     model.train()
@@ -1096,7 +1278,7 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
             batches = iter(loader)
             x, y = next(batches)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.warmup, cfg.lr)
+            g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
         x, y = x.to(device, non_blocking=True), (y - lo).to(device)
         with autocast_for(cfg, device):
             img = encode_images(model, x, torch.full((len(x),), router, device=device))

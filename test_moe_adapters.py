@@ -1117,3 +1117,161 @@ def test_dry_run_counts_ddas_autoencoders_apart(tmp_path):
     assert out["ddas_autoencoders"] == 10 * 8_696_164
     clip_feats = M.main(["--dry-run", "--clip-weights", "random", "--preset", "full", "--ddas-features", "clip"])
     assert clip_feats["ddas_autoencoders"] == 10 * (2 * 512 * 100 + 100 + 512)
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. MTIL: the 11 data sets
+# ------------------------------------------------------------------------------------------------
+
+def test_mtil_dry_run_counts_51_059_712_trainable_parameters(tmp_path):
+    out = M.main(["--dataset", "mtil", "--dry-run", "--clip-weights", "random", "--data-root", str(tmp_path)])
+    assert out["trainable_params"] == 51_059_712  # spec 2.5: 22 experts, 11 routers, both towers
+    assert out["ddas_autoencoders"] == 11 * 8_696_164
+
+
+def test_mtil_missing_data_names_every_missing_folder_before_training(capsys, tmp_path):
+    line = assert_usage_error(capsys, ["--dataset", "mtil", "--data-root", str(tmp_path / "none"), "--clip-weights",
+                                       "random", "--ddas-features", "clip", "--output-dir", str(tmp_path / "o")])
+    for folder in M.MTIL_FOLDERS.values():
+        assert folder in line, folder
+    assert not (tmp_path / "o").exists()
+
+
+def test_mtil_tables_follow_the_spec():
+    assert len(M.MTIL_ORDER_II) == 11 and M.MTIL_ORDER_II[:3] == ["StanfordCars", "Food", "MNIST"]
+    assert M.MTIL_ORDER_II[-1] == "CIFAR100" and sorted(M.MTIL_ORDER_II) == sorted(M.MTIL_ORDER_I)
+    counts = {k: len(v.split("; ")) for k, v in M.MTIL_TEMPLATES.items()}
+    assert counts == {"Aircraft": 2, "Caltech101": 34, "CIFAR100": 18, "DTD": 8, "EuroSAT": 3, "Flowers": 1,
+                      "Food": 1, "MNIST": 1, "OxfordPet": 1, "StanfordCars": 9, "SUN397": 2}
+    assert all(t.count("{}") == 1 for v in M.MTIL_TEMPLATES.values() for t in v.split("; "))
+    assert (len(M.CALTECH101_NAMES), len(M.EUROSAT_NAMES), len(M.FLOWERS102_NAMES)) == (101, 10, 102)
+    assert M.CALTECH101_NAMES[29] == "head of a  crocodile" and M.EUROSAT_NAMES[0] == "annual crop land"
+    assert M.MTIL_LR["EuroSAT"] == 1e-4 and M.MTIL_LR_FEW_SHOT["Food"] == 1e-2
+    cfg = M.resolve_config({"dataset": "mtil", "clip_weights": "random"})
+    assert (cfg.iterations, cfg.batch_size, cfg.label_smoothing, cfg.warmup, cfg.experts, cfg.dataset_lr) == \
+        (1000, 64, 0.2, 100, 22, True)
+    assert M.resolve_config({"dataset": "mtil", "shots": 5}).iterations == 500
+    assert M.resolve_config({"dataset": "mtil", "lr": 1e-3}).dataset_lr is False
+
+
+def test_mtil_cifar100_loader_on_fake_data(fake_cifar):
+    root = fake_cifar if isinstance(fake_cifar, str) else fake_cifar[0]
+    train_tf, test_tf = M.transforms(32)
+    train, test, names = M.mtil_dataset("CIFAR100", root, False, train_tf, test_tf)
+    assert names[1] == "aquarium fish" and len(names) == 100  # "_" -> " " (spec 9.1)
+    assert M.labels_of(train) == list(train.targets) and len(M.labels_of(test)) == len(test)
+
+
+# Fake MNIST / EuroSAT / DTD in torchvision's on-disk layouts (no integrity check applies with download=False).
+# Labels: MNIST pixels = 20*label + 5; EuroSAT red = 20*label + 10; DTD red = 5*label + 5 (JPEG: decode with round).
+import random  # noqa: E402
+import struct  # noqa: E402
+
+MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
+                 "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
+EUROSAT_CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
+DTD_CLASSES = ("banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched "
+               "crystalline dotted fibrous flecked freckled frilly gauzy grid grooved honeycombed "
+               "interlaced knitted lacelike lined marbled matted meshed paisley perforated pitted "
+               "pleated polka-dotted porous potholed scaly smeared spiralled sprinkled stained "
+               "stratified striped studded swirly veined waffled woven wrinkled zigzagged").split()
+
+
+def _flat_jpeg(path, size, red, rng):
+    # Green/blue are a random flat value per image (so files differ); red carries the label.
+    g, b = rng.randint(0, 255), rng.randint(0, 255)
+    arr = np.empty((size, size, 3), dtype=np.uint8)
+    arr[...] = (red, g, b)
+    Image.fromarray(arr, "RGB").save(path, "JPEG", quality=100, subsampling=0)
+
+
+def _write_idx(path, arr):
+    """IDX (uint8) file: magic 0x00000800 | ndim, then big-endian int32 dims, then raw bytes."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x0800 | arr.ndim))
+        f.write(struct.pack(">" + "I" * arr.ndim, *arr.shape))
+        f.write(arr.tobytes())
+
+
+def write_fake_mnist(root, per_class=2, seed=0):
+    """root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (uncompressed)."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    rng = random.Random(seed)
+    out = {"classes": list(MNIST_CLASSES)}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        labels = [c for c in range(10) for _ in range(per_class)]
+        rng.shuffle(labels)
+        imgs = np.empty((len(labels), 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            imgs[i] = 20 * c + 5
+        _write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), imgs)
+        _write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), np.array(labels))
+        out[split] = labels
+    return out
+
+
+def write_fake_eurosat(root, per_class=3, seed=0):
+    """root/eurosat/2750/<Class>/<Class>_<i>.jpg, 64x64 RGB. ImageFolder order = sorted class, sorted file."""
+    rng = random.Random(seed)
+    labels = []
+    for c, name in enumerate(EUROSAT_CLASSES):
+        d = os.path.join(root, "eurosat", "2750", name)
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            _flat_jpeg(os.path.join(d, f"{name}_{i + 1}.jpg"), 64, 20 * c + 10, rng)
+            labels.append(c)
+    return {"classes": list(EUROSAT_CLASSES), "all": labels}
+
+
+def write_fake_dtd(root, per_class=2, seed=0, size=32):
+    """root/dtd/dtd/images/<class>/<class>_<split>_<i>.jpg + root/dtd/dtd/labels/{train,val,test}1.txt.
+
+    train/val/test each get per_class images per class (val included so split="val" also loads).
+    """
+    base = os.path.join(root, "dtd", "dtd")
+    os.makedirs(os.path.join(base, "labels"), exist_ok=True)
+    rng = random.Random(seed)
+    out = {"classes": list(DTD_CLASSES)}
+    for split in ("train", "val", "test"):
+        lines, labels = [], []
+        for c, name in enumerate(DTD_CLASSES):
+            d = os.path.join(base, "images", name)
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                fname = f"{name}_{split}_{i:04d}.jpg"
+                _flat_jpeg(os.path.join(d, fname), size, 5 * c + 5, rng)
+                lines.append(f"{name}/{fname}")
+                labels.append(c)
+        with open(os.path.join(base, "labels", f"{split}1.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        out[split] = labels
+    return out
+
+
+def pixels(img) -> float:
+    """Mean red value (0..255) of a CLIP-normalised image tensor."""
+    return float(unnormalise(img)[0].mean())
+
+
+def test_mtil_mnist_eurosat_dtd_loaders_on_fake_data(tmp_path):
+    root = str(tmp_path)
+    mnist, euro, dtd = write_fake_mnist(root), write_fake_eurosat(root, per_class=5), write_fake_dtd(root)
+    train_tf, test_tf = M.transforms(32)
+    tr, te, names = M.mtil_dataset("MNIST", root, False, train_tf, test_tf)
+    assert names == mnist["classes"] and M.labels_of(tr) == mnist["train"] and M.labels_of(te) == mnist["test"]
+    img, y = te[0]
+    assert round((pixels(img) - 5) / 20) == y
+    tr, te, names = M.mtil_dataset("EuroSAT", root, False, train_tf, test_tf)
+    assert names == M.EUROSAT_NAMES and len(tr) == 40 and len(te) == 10  # 80/20 of 50 images, seed 42
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(42)).tolist()
+    assert M.labels_of(te) == [euro["all"][i] for i in perm[40:]]
+    for i in range(3):
+        img, y = te[i]
+        assert round((pixels(img) - 10) / 20) == y
+    tr, te, names = M.mtil_dataset("DTD", root, False, train_tf, test_tf)
+    assert names == dtd["classes"] and M.labels_of(tr) == dtd["train"] and M.labels_of(te) == dtd["test"]
+    img, y = te[5]
+    assert round((pixels(img) - 5) / 5) == y
