@@ -11,8 +11,9 @@ each sample (noisy top-k gating); experts used most by earlier tasks are frozen 
 Reproduced here: the class-incremental setting (CIFAR-100 in 10/20/50 steps, TinyImageNet 100 + N),
 the authors' CIL configuration (`--preset cil`) and the full method (`--preset full`: 22 experts,
 per-task routers, activate-freeze, the DDAS task selector), the zero-shot and sequential fine-tuning
-baselines, the MTIL metrics, and an offline synthetic world with a tiny CLIP so that everything runs
-on a laptop. Not yet here: the MTIL data sets; the fused CUDA kernel and multi-GPU training.
+baselines, the MTIL benchmark (11 data sets, Orders I/II, full and 5-shot) and its metrics, and an
+offline synthetic world with a tiny CLIP so that everything runs on a laptop. Not yet here: the
+fused CUDA kernel and multi-GPU training.
 
     python moe_adapters.py                                   # offline demo, ~1.5 min on 2 CPU cores
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
