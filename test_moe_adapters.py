@@ -1275,3 +1275,25 @@ def test_mtil_mnist_eurosat_dtd_loaders_on_fake_data(tmp_path):
     assert names == dtd["classes"] and M.labels_of(tr) == dtd["train"] and M.labels_of(te) == dtd["test"]
     img, y = te[5]
     assert round((pixels(img) - 5) / 5) == y
+
+
+def test_ddas_sends_learned_domains_to_their_router_and_unseen_domains_to_clip(clip_cache):
+    """Synthetic multi-domain world, autoencoders of the first two domains (photo, on white) trained: held-out
+    images of each go mostly to their own router, images of the two unseen domains mostly to the untouched CLIP.
+    Measured at seed 0: own 0.865 / 0.900, unseen -> CLIP 0.558 (outline) and 0.738 (noisy)."""
+    cfg = M.resolve_config(dict(dataset="synthetic-mtil", clip_cache=clip_cache))
+    M.seed_everything(0)
+    model = M.load_clip(cfg)
+    bench = M.load_benchmark(cfg, 32)
+    sel = M.TaskSelector(cfg, model, 4)
+    for t in (0, 1):
+        M.fit_selector(sel, cfg, torch.utils.data.DataLoader(bench.subset("train", t), batch_size=64, shuffle=True),
+                       t, CPU)
+    rates = []
+    for j in range(4):
+        x = torch.stack([bench.test[i][0] for i in bench.subset("test", j).indices])
+        r = sel.select(x)
+        rates.append(float((r == (j if j < 2 else -1)).float().mean()))
+    print("DDAS rates (own, own, clip, clip):", rates)
+    assert rates[0] > 0.75 and rates[1] > 0.75, rates
+    assert rates[2] > 0.45 and rates[3] > 0.6, rates
