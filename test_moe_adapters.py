@@ -1297,3 +1297,53 @@ def test_ddas_sends_learned_domains_to_their_router_and_unseen_domains_to_clip(c
     print("DDAS rates (own, own, clip, clip):", rates)
     assert rates[0] > 0.75 and rates[1] > 0.75, rates
     assert rates[2] > 0.45 and rates[3] > 0.6, rates
+
+
+class LabelledTensors(torch.utils.data.TensorDataset):
+    @property
+    def targets(self):
+        return self.tensors[1].tolist()
+
+
+def test_load_mtil_concatenates_the_eleven_data_sets_in_order_with_shots(monkeypatch, tmp_path):
+    sizes = {n: 2 + i % 3 for i, n in enumerate(M.MTIL_ORDER_I)}  # classes per fake data set
+
+    def fake(name, root, download, train_tf, test_tf):
+        c = sizes[name]
+        make = lambda per: LabelledTensors(torch.zeros(c * per, 3, 32, 32), torch.arange(c).repeat(per))
+        return make(7), make(2), [f"{name} class {k}" for k in range(c)]
+
+    monkeypatch.setattr(M, "mtil_dataset", fake)
+    for order, names in (("II", M.MTIL_ORDER_II), ("I", M.MTIL_ORDER_I)):
+        cfg = M.resolve_config(dict(dataset="mtil", order=order, shots=5, clip_weights="random",
+                                    data_root=str(tmp_path)))
+        bench = M.load_mtil(cfg, 32)
+        assert bench.kind == "mtil" and bench.task_names == names and len(bench.splits) == 11
+        assert [hi - lo for lo, hi in bench.splits] == [sizes[n] for n in names]
+        assert bench.lrs == [M.MTIL_LR_FEW_SHOT[n] for n in names]
+        assert bench.templates[0] == M.MTIL_TEMPLATES[names[0]].split("; ")
+        for t, (lo, hi) in enumerate(bench.splits):
+            assert bench.class_names[lo] == f"{names[t]} class 0"
+            assert len(bench.subset("train", t)) == 5 * (hi - lo)  # --shots 5 of the 7 per class
+            assert len(bench.subset("test", t)) == 2 * (hi - lo)
+            ys = [bench.train[i][1] for i in bench.subset("train", t).indices]
+            assert sorted(set(ys)) == list(range(lo, hi)) and all(ys.count(y) == 5 for y in set(ys))
+
+
+def test_alexnet_features_from_a_weights_file_and_a_corrupt_one(tmp_path, capsys):
+    import torchvision
+    path = str(tmp_path / "alexnet.pth")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    cfg = tiny_cfg(preset="full", ddas_features="alexnet", ddas_weights=path)
+    plain, adapted = tiny_adapted_clip(cfg)
+    sel = M.TaskSelector(cfg, adapted, 4)
+    images, _ = sample_inputs()
+    f = sel.features(images)
+    assert f.shape == (6, 256) and bool(((f > 0) & (f < 1)).all())  # conv5 at 32 px is 256x1x1, through a sigmoid
+    assert not any(k.startswith("extractor") for k in sel.state_dict())  # AlexNet is frozen and not saved
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a state dict")
+    cfg_bad = tiny_cfg(preset="full", ddas_features="alexnet", ddas_weights=str(bad))
+    with pytest.raises(M.UsageError, match="ddas-weights"):
+        M.TaskSelector(cfg_bad, adapted, 4)
