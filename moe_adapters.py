@@ -1031,7 +1031,8 @@ class Transformed(torch.utils.data.Dataset):
 
     def __init__(self, ds, indices: list, transform):
         self.ds, self.indices, self.transform = ds, indices, transform
-        self.targets = [labels_of(ds)[i] for i in indices]
+        labels = labels_of(ds)
+        self.targets = [labels[i] for i in indices]
 
     def __len__(self):
         return len(self.indices)
@@ -1599,7 +1600,7 @@ def run(cfg: Config) -> dict:
     model.to(device)
     bench = load_benchmark(cfg, model.visual.input_resolution)
     T = len(bench.splits)
-    if cfg.device == "auto" and device.type == "cpu" and cfg.dataset != "synthetic":
+    if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic"):
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
     selector = TaskSelector(cfg, model, T).to(device) if cfg.ddas else None
