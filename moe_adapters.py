@@ -120,7 +120,8 @@ class Config:
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
 
 
-CHOICES = {"ddas_features": ["alexnet", "clip"], "dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"], "method": ["moe-adapters", "finetune", "zeroshot"],
+CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"],
+           "method": ["moe-adapters", "finetune", "zeroshot"], "ddas_features": ["alexnet", "clip"],
            "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
            "device": ["auto", "cpu", "cuda"]}
 
@@ -190,13 +191,14 @@ def resolve_config(args: dict) -> Config:
     """Config defaults < data set defaults < preset < (synthetic schedule) < method < explicit flags."""
     given = {k: v for k, v in args.items() if v is not None and k != "demo"}
     values = dataclasses.asdict(Config())
-    values.update(DATASET_DEFAULTS[given.get("dataset", values["dataset"])])
+    ds = given.get("dataset", values["dataset"])
+    values.update(DATASET_DEFAULTS[ds])
     preset = given.get("preset") or values["preset"]
     values.update(PRESETS[preset])
     values["preset"] = preset
-    if given.get("dataset", values["dataset"]).startswith("synthetic"):
+    if ds.startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
-    ds, tasks = given.get("dataset", values["dataset"]), given.get("tasks", values["tasks"])
+    tasks = given.get("tasks", values["tasks"])
     if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and tasks == 50)):
         values["batch_size"] = 64  # the authors' configs for CIFAR-100 2-2 and TinyImageNet
     values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
@@ -639,8 +641,8 @@ class TaskSelector(nn.Module):
         return torch.sigmoid(math.sqrt(e.shape[1]) * F.normalize(e, dim=-1))
 
     def errors(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction error of every autoencoder for every image: [N, T] (mean squared error)."""
-        return torch.stack([((ae(f) - f) ** 2).mean(1) for ae in self.autoencoders], 1)
+        """Reconstruction error of every autoencoder for every image: [N, T]."""
+        return torch.stack([reconstruction_error(ae, f) for ae in self.autoencoders], 1)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -660,19 +662,23 @@ class TaskSelector(nn.Module):
         return torch.where(best > tau, torch.full_like(task, -1), task)
 
 
+def reconstruction_error(ae: nn.Module, f: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of one autoencoder per image: [N]."""
+    return ((ae(f) - f) ** 2).mean(1)
+
+
 def build_alexnet_conv5(cfg: Config) -> nn.Module:
     """torchvision AlexNet up to conv5, before its ReLU (features[:-2]); ImageNet weights, frozen."""
     import torchvision
-    if cfg.ddas_weights == "random":
+    if cfg.ddas_weights:  # "random", or a local state dict
         net = torchvision.models.alexnet(weights=None)
-    elif cfg.ddas_weights:
-        net = torchvision.models.alexnet(weights=None)
+    if cfg.ddas_weights not in ("", "random"):
         try:
             net.load_state_dict(torch.load(cfg.ddas_weights, map_location="cpu", weights_only=True))
         except Exception as e:
             raise UsageError(f"--ddas-weights {cfg.ddas_weights} is not an AlexNet state dict "
                              f"({type(e).__name__}): pass torchvision's alexnet-owt-7be5be79.pth or 'random'") from None
-    else:
+    if not cfg.ddas_weights:
         try:
             net = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
         except Exception as e:
@@ -689,12 +695,13 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, task: int, device,
     constant lr (quirk Q15), iterations + 1 steps of batch 64), then calibrate its threshold tau_task:
     the --ddas-quantile quantile of its errors on those images. Features are extracted in one pass over the
     (augmented) training images, as many as the iterations use, and reused (augmentation frozen)."""
-    feats, need = [], (cfg.ddas_iters + 1) * batch
+    feats, have, need = [], 0, (cfg.ddas_iters + 1) * batch
     with torch.no_grad():
         for x, _ in loader:
             f = selector.features(x.to(device))
             feats.append(f.half() if selector.kind == "alexnet" else f)  # 43,264 values per image: halve memory
-            if sum(len(f) for f in feats) >= need:
+            have += len(f)
+            if have >= need:
                 break
     feats = torch.cat(feats)
     ae = selector.autoencoders[task].train()
@@ -711,7 +718,7 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, task: int, device,
         opt.step()
     ae.eval()
     with torch.no_grad():
-        errs = torch.cat([((ae(f.float()) - f.float()) ** 2).mean(1) for f in feats.split(1024)])
+        errs = torch.cat([reconstruction_error(ae, f.float()) for f in feats.split(1024)])
         selector.tau[task] = torch.quantile(errs, cfg.ddas_quantile)
         selector.trained[task] = True
     return loss.item()
@@ -1148,15 +1155,22 @@ def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32, sty
 def load_synthetic(cfg: Config) -> Benchmark:
     """The continual part of the synthetic world, drawn once from a fixed seed (same for every run)."""
     gen = torch.Generator().manual_seed(1234)
+    (train, ytr), (test, yte) = draw_synthetic(SYN_TRAIN_PER_CLASS, gen), draw_synthetic(SYN_TEST_PER_CLASS, gen)
+    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES],
+                     even_splits(len(SYNTHETIC_TASK_CLASSES), cfg.tasks), train, test, ytr, yte)
+
+
+def draw_synthetic(per_class: int, gen: torch.Generator, styled_splits: list | None = None):
+    """per_class images of every continual class, labelled by class index: (TensorDataset, labels). With
+    styled_splits [(style, (lo, hi))], the classes lo..hi-1 are drawn in that style."""
     pairs = torch.tensor(SYNTHETIC_TASK_CLASSES)
-
-    def draw(per_class):
-        labels = torch.arange(len(pairs)).repeat_interleave(per_class)
-        return torch.utils.data.TensorDataset(render_shapes(pairs[labels], gen), labels), labels.numpy()
-
-    (train, ytr), (test, yte) = draw(SYN_TRAIN_PER_CLASS), draw(SYN_TEST_PER_CLASS)
-    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], even_splits(len(pairs), cfg.tasks),
-                     train, test, ytr, yte)
+    labels = torch.arange(len(pairs)).repeat_interleave(per_class)
+    if styled_splits is None:
+        images = render_shapes(pairs[labels], gen)
+    else:
+        images = torch.cat([render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
+                            for style, (lo, hi) in styled_splits])
+    return torch.utils.data.TensorDataset(images, labels), labels.numpy()
 
 
 def load_synthetic_mtil(cfg: Config) -> Benchmark:
@@ -1164,15 +1178,9 @@ def load_synthetic_mtil(cfg: Config) -> Benchmark:
     its own (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
     gen = torch.Generator().manual_seed(4321)
     splits = even_splits(len(SYNTHETIC_TASK_CLASSES), len(SYN_STYLES))
-    pairs = torch.tensor(SYNTHETIC_TASK_CLASSES)
-
-    def draw(per_class):
-        labels = torch.arange(len(pairs)).repeat_interleave(per_class)
-        images = torch.cat([render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
-                            for style, (lo, hi) in zip(SYN_STYLES, splits)])
-        return torch.utils.data.TensorDataset(images, labels), labels.numpy()
-
-    (train, ytr), (test, yte) = draw(SYN_TRAIN_PER_CLASS), draw(SYN_TEST_PER_CLASS)
+    styled = list(zip(SYN_STYLES, splits))
+    (train, ytr), (test, yte) = (draw_synthetic(SYN_TRAIN_PER_CLASS, gen, styled),
+                                 draw_synthetic(SYN_TEST_PER_CLASS, gen, styled))
     return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], splits, train, test, ytr, yte, kind="mtil",
                      templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
 
@@ -1634,7 +1642,8 @@ def run(cfg: Config) -> dict:
     last = state["rows"][-1]
     return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
             "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
-            "tasks": T, "routing": routing_note(cfg), "routes": last.get("routes"), "output_dir": out,
+            "tasks": T, "routing": routing_note(cfg), "routes": last.get("routes"), "rows": state["rows"],
+            "output_dir": out,
             "trainable_params": parameter_table(model)["trainable_params"]}
 
 
@@ -1675,7 +1684,8 @@ def run_demo(args: dict) -> dict:
         lines.append(f"{m:<20}{r['transfer']:>9.2f}{r['avg']:>8.2f}{r['last']:>8.2f}{r['forgetting']:>12.2f}"
                      f"{r['seconds']:>9.1f}")
     routes = mtil["moe-adapters"]["routes"]
-    lines.append(f"moe-adapters: --preset mtil with DDAS: {100 * unseen_to_clip(base):.1f}% of the test images of "
+    lines.append(f"moe-adapters: --preset mtil with DDAS: {100 * unseen_to_clip(mtil['moe-adapters']['rows']):.1f}"
+                 f"% of the test images of "
                  f"not-yet-learned domains went to the untouched CLIP; after the last task "
                  f"{100 * routes['own_router']:.1f}% went to their own domain's router")
     print("\n".join(lines))
@@ -1683,10 +1693,9 @@ def run_demo(args: dict) -> dict:
     return {"methods": results, "table": lines, "output_dir": base}
 
 
-def unseen_to_clip(base: str) -> float:
-    """Share of the not-yet-learned domains' test images that DDAS sent to the untouched CLIP, over the
-    rows of the demo's multi-domain MoE-Adapters run."""
-    rows = [json.loads(line) for line in open(os.path.join(base, "synthetic-mtil", "moe-adapters", "metrics.jsonl"))]
+def unseen_to_clip(rows: list) -> float:
+    """Share of the not-yet-learned tasks' test images that DDAS sent to the untouched CLIP, over all the
+    metrics rows of a run."""
     dest = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"]) if j > r["task"]]
     return sum(d[0] for d in dest) / max(sum(map(sum, dest)), 1)
 

@@ -803,20 +803,25 @@ def test_demo_stderr_is_clean(demo_run):
 # 10. Resume after an interruption gives the uninterrupted run
 # ------------------------------------------------------------------------------------------------
 
-def test_resume_after_interruption_equals_uninterrupted_run(small_run, small_synthetic, tmp_path, monkeypatch):
-    dir_a, summary_a = small_run
-    dir_b = str(tmp_path / "b")
+def run_interrupted_at_task(monkeypatch, argv: list, stop_at: int) -> None:
+    """Run main(argv) and interrupt it (KeyboardInterrupt) as task `stop_at` begins training."""
     real_train_task = M.train_task
 
     def interrupted(model, cfg, bench, task, device):
-        if task == 2:
+        if task == stop_at:
             raise KeyboardInterrupt
         return real_train_task(model, cfg, bench, task, device)
 
     monkeypatch.setattr(M, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        M.main(SMALL_RUN_ARGS + ["--output-dir", dir_b])
+        M.main(argv)
     monkeypatch.setattr(M, "train_task", real_train_task)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(small_run, small_synthetic, tmp_path, monkeypatch):
+    dir_a, summary_a = small_run
+    dir_b = str(tmp_path / "b")
+    run_interrupted_at_task(monkeypatch, SMALL_RUN_ARGS + ["--output-dir", dir_b], 2)
     assert len(read_jsonl(os.path.join(dir_b, "metrics.jsonl"))) == 2  # tasks 0 and 1, no final row yet
     ckpt = torch.load(os.path.join(dir_b, "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert ckpt["next_task"] == 2
@@ -1093,17 +1098,7 @@ def test_rendering_styles_differ_but_photo_is_the_class_incremental_world():
 def test_resume_in_the_middle_of_a_multi_domain_run(small_synthetic, tmp_path, monkeypatch):
     args = ["--dataset", "synthetic-mtil", "--clip-weights", "random", "--epochs", "1", "--ddas-iters", "20"]
     full = M.main(args + ["--output-dir", str(tmp_path / "a")])
-    real_train_task = M.train_task
-
-    def interrupted(model, cfg, bench, task, device):
-        if task == 2:
-            raise KeyboardInterrupt
-        return real_train_task(model, cfg, bench, task, device)
-
-    monkeypatch.setattr(M, "train_task", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        M.main(args + ["--output-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(M, "train_task", real_train_task)
+    run_interrupted_at_task(monkeypatch, args + ["--output-dir", str(tmp_path / "b")], 2)
     resumed = M.main(args + ["--output-dir", str(tmp_path / "b"), "--resume"])
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert (resumed["transfer"], resumed["avg"], resumed["last"]) == (full["transfer"], full["avg"], full["last"])
