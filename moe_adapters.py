@@ -46,6 +46,12 @@ import clip  # noqa: E402  (OpenAI CLIP, pip package clip-anytorch)
 import clip.model  # noqa: E402
 from tqdm import tqdm  # noqa: E402  (installed with clip)
 
+try:  # the fused mixture kernel; triton comes with the CUDA builds of torch. Everything else runs without it.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
@@ -75,7 +81,7 @@ class Config:
     adapter_scale: float = 0.1         # fixed output scale s of every expert
     adapter_dropout: float = 0.1       # dropout after the expert's ReLU (training only)
     balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code effectively uses 0)
-    moe_impl: str = "batched"          # loop (readable reference) | batched (no Python loop, no host sync)
+    moe_impl: str = "auto"             # loop (readable) | batched (no Python loop, no host sync) | triton (fused, CUDA) | auto
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
     eval_noise: bool = False           # quirk Q1: keep router noise on at evaluation, as the authors' CIL code does
@@ -118,11 +124,13 @@ class Config:
     resume: bool = False               # continue the run in --output-dir after its last completed task
     overwrite: bool = False            # allow writing into an --output-dir that already holds a run
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
+    bench: bool = False                # time the frozen and adapted forward, a training step, the mixtures and DDAS; write bench.json
 
 
 CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"],
            "method": ["moe-adapters", "finetune", "zeroshot"], "ddas_features": ["alexnet", "clip"],
-           "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"], "moe_impl": ["loop", "batched"],
+           "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"],
+           "moe_impl": ["auto", "loop", "batched", "triton"],
            "device": ["auto", "cpu", "cuda"]}
 
 # The authors' class-incremental configuration (spec 5.1, quirk Q5): a dense mixture of 2 experts
@@ -154,8 +162,8 @@ METHOD_OVERRIDES = {  # the baselines run in the same loop
     "moe-adapters": dict(),
 }
 # fields that do not change what a run computes (may differ between a checkpoint and --resume)
-RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "device", "data_root", "download",
-                   "clip_cache"}  # (--workers and --eval-batch-size stay: they change how random numbers are drawn)
+RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "bench", "device", "data_root", "download",
+                   "clip_cache", "moe_impl"}  # (--workers and --eval-batch-size stay: they change how random numbers are drawn)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +293,10 @@ def validate(cfg: Config) -> None:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible: use --device cpu")
+    if cfg.moe_impl == "triton" and not triton_usable(resolve_device(cfg)):
+        raise UsageError("--moe-impl triton needs triton and a CUDA device (or TRITON_INTERPRET=1, Triton's slow "
+                         "CPU interpreter): use --moe-impl batched" if triton is not None else
+                         "--moe-impl triton: triton is not installed (pip install triton): use --moe-impl batched")
     if cfg.amp and resolve_device(cfg).type != "cuda":
         raise UsageError("--amp is bf16 autocast on CUDA only: drop it on the CPU")
 
@@ -438,12 +450,14 @@ class MoEAdapter(nn.Module):
         cv2 = lambda v: v.float().var() / (v.float().mean() ** 2 + 1e-10)
         return cv2(importance) + cv2(load)
 
-    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        """x: [L, N, d] block state after attention. Returns y = sum_e G[:, e] E_e(x), [L, N, d]."""
+    def forward(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """x: [L, N, d] block state after attention, base: the block's output. Returns
+        base + sum_e G[:, e] E_e(x), [L, N, d] (the fused kernel adds in place of a separate pass)."""
         idx, w = self.gate(x[0], route)                                  # router reads token 0 (CLS / SOT)
-        mixture = MIXTURES[self.impl]
-        return mixture(x, idx, w, self.w_down, self.b_down, self.w_up, self.b_up, self.scale,
-                       self.p if self.training else 0.0)
+        args = (x, idx, w, self.w_down, self.b_down, self.w_up, self.b_up, self.scale, self.p if self.training else 0.0)
+        if self.impl == "triton":
+            return mixture_triton(*args, base=base)
+        return base + MIXTURES[self.impl](*args).to(base.dtype)
 
     # -- activate-freeze (spec 3) ---------------------------------------------------------------
     def begin_task(self, router: int) -> None:
@@ -498,18 +512,18 @@ class MoEBlock(nn.Module):
         out = x + self.mlp(self.ln_2(x))
         if self.moe is None or self.route is None:
             return out
-        return out + self.moe(x, self.route).to(out.dtype)
+        return self.moe(x, self.route, base=out)
 
 
 def add_moe_adapters(model: nn.Module, cfg: Config) -> nn.Module:
     """Wrap every residual block of both towers in place. Adds parameters named
     `visual.transformer.resblocks.<l>.moe.*` and `transformer.resblocks.<l>.moe.*`."""
-    balance = cfg.balance_coef > 0
+    balance, impl = cfg.balance_coef > 0, resolve_impl(cfg)
     for tower in (model.visual.transformer, model.transformer):
         for i, block in enumerate(tower.resblocks):
             d = block.ln_1.weight.shape[0]
             adapter = MoEAdapter(d, cfg.experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
-                                 cfg.adapter_dropout, cfg.moe_impl, cfg.eval_noise, balance, cfg.freeze_top)
+                                 cfg.adapter_dropout, impl, cfg.eval_noise, balance, cfg.freeze_top)
             tower.resblocks[i] = MoEBlock(block, adapter)
     return model
 
@@ -569,10 +583,11 @@ def parameter_table(model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# The mixture y = sum_{e in TopK} G_e E_e(x), two ways with one signature. `loop` is the paper's
+# The mixture y = sum_{e in TopK} G_e E_e(x), three ways with one signature. `loop` is the paper's
 # equation, one expert at a time; `batched` gathers each sample's k experts and runs two batched
-# matrix products, with no Python loop over experts and no host synchronisation. Tests hold them
-# equal in outputs and gradients.
+# matrix products, with no Python loop over experts and no host synchronisation; `triton` is one
+# fused CUDA kernel that reads the stacked experts in place (no per-sample copies) and adds the
+# result to the block's output. Tests hold all three equal in outputs and gradients.
 #   x [L, N, d], idx [N, k] chosen experts, w [N, k] gates, experts stacked as in MoEAdapter.
 # ------------------------------------------------------------------------------------------------
 
@@ -602,7 +617,135 @@ def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
     return scale * out.transpose(0, 1)                                  # [L, N, d]
 
 
-MIXTURES = {"loop": mixture_loop, "batched": mixture_batched}
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests, no GPU)
+UPCAST_DOT = TRITON_INTERPRET  # the interpreter's bf16 tl.dot is wrong: give it fp32 operands
+BLOCK_L, BLOCK_D = 32, 64      # tokens per program, and the chunk of the model width per tl.dot
+
+if triton is not None:
+    @triton.jit
+    def fused_mixture_kernel(x_ptr, base_ptr, y_ptr, idx_ptr, w_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, mask_ptr, h_ptr,
+                 L, D, scale, sxl, sxn, sbl, sbn, syl, syn,
+                 K: tl.constexpr, R: tl.constexpr, KRP: tl.constexpr, BLOCK_L: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, STORE_H: tl.constexpr,
+                 HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+        n = tl.program_id(0)                                   # one sample ...
+        l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # ... and a tile of its tokens
+        lm = l < L
+        c = tl.arange(0, KRP)                                  # hidden columns of all k experts
+        cm = c < K * R
+        e = tl.load(idx_ptr + n * K + c // R, mask=cm, other=0).to(tl.int64)  # expert of column c
+        u = c % R                                              # unit within that expert
+        dt = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+        # GEMM 1: a[l, c] = sum_d x[l, n, d] * Wd[e_c, d, u_c]
+        acc = tl.zeros((BLOCK_L, KRP), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            xt = tl.load(x_ptr + l[:, None] * sxl + n * sxn + dd[None, :], mask=lm[:, None] & dm[None, :], other=0.0)
+            wt = tl.load(wd_ptr + e[None, :] * D * R + dd[:, None] * R + u[None, :],
+                         mask=dm[:, None] & cm[None, :], other=0.0)
+            acc = tl.dot(xt.to(dt), wt.to(dt), acc, input_precision=PREC)
+        h = tl.maximum(acc + tl.load(bd_ptr + e * R + u, mask=cm, other=0.0).to(tl.float32)[None, :], 0.0)
+        hoff = (n * L + l[:, None]) * (K * R) + c[None, :]     # h / mask buffers are [N, L, k*r]
+        hm = lm[:, None] & cm[None, :]
+        if HAS_MASK:  # dropout mask: 0 or 1/(1-p)
+            h = h * tl.load(mask_ptr + hoff, mask=hm, other=0.0)
+        if STORE_H:   # post-dropout, pre-gate activations for the backward
+            tl.store(h_ptr + hoff, h.to(h_ptr.dtype.element_ty), mask=hm)
+        g = scale * tl.load(w_ptr + n * K + c // R, mask=cm, other=0.0).to(tl.float32)  # gate of column c
+        hg = (h * g[None, :]).to(dt)
+        # GEMM 2: y[l, n, d] = sum_c hg[l, c] * Wu[e_c, u_c, d] + sum_j scale * w[n, j] * bu[e_j, d]
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            wt = tl.load(wu_ptr + e[:, None] * R * D + u[:, None] * D + dd[None, :],
+                         mask=cm[:, None] & dm[None, :], other=0.0)
+            out = tl.dot(hg, wt.to(dt), input_precision=PREC)
+            for j in tl.static_range(K):
+                ej = tl.load(idx_ptr + n * K + j).to(tl.int64)
+                gj = scale * tl.load(w_ptr + n * K + j).to(tl.float32)
+                out += gj * tl.load(bu_ptr + ej * D + dd, mask=dm, other=0.0).to(tl.float32)[None, :]
+            om = lm[:, None] & dm[None, :]
+            if HAS_BASE:
+                out += tl.load(base_ptr + l[:, None] * sbl + n * sbn + dd[None, :], mask=om, other=0.0).to(tl.float32)
+            tl.store(y_ptr + l[:, None] * syl + n * syn + dd[None, :], out.to(y_ptr.dtype.element_ty), mask=om)
+
+
+def rowmajor(t):  # the kernel indexes the last dimension with stride 1
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FusedMixture(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base):
+        L, N, D = x.shape
+        K, R = idx.shape[1], w_down.shape[2]
+        x, idx, w = rowmajor(x), idx.contiguous(), w.contiguous()
+        w_down, b_down, w_up, b_up = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
+        mask = None
+        if p_drop > 0:
+            mask = torch.empty(N, L, K * R, device=x.device).bernoulli_(1 - p_drop).div_(1 - p_drop)
+        store_h = any(ctx.needs_input_grad)
+        h = torch.empty(N, L, K * R, device=x.device, dtype=x.dtype) if store_h else None
+        b = rowmajor(base) if base is not None else x
+        y = torch.empty_like(b)  # the residual stream's dtype when adding to it
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not TRITON_INTERPRET else "ieee"
+        fused_mixture_kernel[(N, triton.cdiv(L, BLOCK_L))](
+            x, b, y, idx, w, w_down, b_down, w_up, b_up, mask, h, L, D, float(scale),
+            x.stride(0), x.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+            K=K, R=R, KRP=triton.next_power_of_2(K * R), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+            HAS_MASK=mask is not None, STORE_H=store_h, HAS_BASE=base is not None,
+            UPCAST=UPCAST_DOT, PREC=prec)
+        ctx.save_for_backward(x, idx, w, w_down, b_down, w_up, b_up, h)
+        ctx.scale, ctx.p_drop, ctx.has_base = scale, p_drop, base is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, idx, w, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
+        (L, N, D), K, R = x.shape, idx.shape[1], w_down.shape[2]
+        flat, dt = idx.reshape(-1), h.dtype
+        gy_n, x_n = gy.transpose(0, 1).to(dt), x.transpose(0, 1)                       # [N, L, d]
+        wd = w_down.index_select(0, flat).view(N, K, D, R).permute(0, 2, 1, 3).reshape(N, D, K * R)
+        wu = w_up.index_select(0, flat).view(N, K * R, D)                               # per-sample weights
+        bu = b_up.index_select(0, flat).view(N, K, D)
+        s = (ctx.scale * w).to(dt).repeat_interleave(R, dim=1)                          # gate of each column
+        dhg = torch.bmm(gy_n, wu.transpose(1, 2))                                       # dL/d(h * s)
+        gsum = gy_n.sum(1)                                                              # [N, d]
+        dw = ctx.scale * ((h * dhg).view(N, L, K, R).sum((1, 3)) + torch.einsum("nd,nkd->nk", gsum, bu))
+        d_wu = torch.bmm((h * s[:, None]).transpose(1, 2), gy_n).view(N * K, R, D)
+        d_bu = ((ctx.scale * w).to(dt)[:, :, None] * gsum[:, None]).view(N * K, D)
+        da = dhg * s[:, None] * (h > 0) / (1 - ctx.p_drop)                              # through dropout+relu
+        d_wd = torch.bmm(x_n.transpose(1, 2), da).view(N, D, K, R).transpose(1, 2).reshape(N * K, D, R)
+        dx = torch.bmm(da, wd.transpose(1, 2)).transpose(0, 1)
+        scatter = lambda like, g: torch.zeros_like(like).index_add_(0, flat, g.to(like.dtype))
+        return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, da.sum(1).view(N * K, R)),
+                scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None)
+
+
+def mixture_triton(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base=None):
+    """Same as mixture_loop (x [L, N, d], idx/w [N, k]); returns base + mixture if base is given.
+    Under autocast (--amp) the operands are cast to bf16; accumulation stays fp32."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    cast = lambda t: t.to(dtype)  # autograd-aware casts
+    return FusedMixture.apply(cast(x), idx, w, cast(w_down), cast(b_down), cast(w_up), cast(b_up), scale, p_drop,
+                              base)
+
+
+MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_triton}
+
+
+def triton_usable(device: torch.device) -> bool:
+    """The fused kernel runs on CUDA, or on the CPU under Triton's (slow) interpreter, TRITON_INTERPRET=1."""
+    return triton is not None and (device.type == "cuda" or TRITON_INTERPRET)
+
+
+def resolve_impl(cfg: Config) -> str:
+    """auto = the fused Triton kernel on CUDA when triton imports, the batched mixture otherwise."""
+    if cfg.moe_impl == "auto":
+        return "triton" if triton is not None and resolve_device(cfg).type == "cuda" else "batched"
+    return cfg.moe_impl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,7 +850,7 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, task: int, device,
     ae = selector.autoencoders[task].train()
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
     order = torch.randperm(len(feats), device=device)
-    for it in tqdm(range(cfg.ddas_iters + 1), desc=f"DDAS autoencoder {task + 1}", disable=None, leave=False):
+    for it in progress(range(cfg.ddas_iters + 1), f"DDAS autoencoder {task + 1}"):
         start = (it * batch) % len(feats)
         if start + batch > len(feats) and it > 0:  # next epoch of the cached features
             order, start = torch.randperm(len(feats), device=device), 0
@@ -1264,10 +1407,108 @@ def clip_logits(model, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     return model.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
 
 
-def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device) -> float:
+class TaskLogits(nn.Module):
+    """One training forward (images and the task's class prompts through the task's router) as a single
+    module call, which is what DistributedDataParallel wraps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, router: int) -> torch.Tensor:
+        img = encode_images(self.model, x, torch.full((len(x),), router, device=x.device))
+        txt = encode_texts(self.model, tokens, torch.full((len(tokens),), router, device=x.device))
+        return clip_logits(self.model, img.float(), txt.float())
+
+
+# -- data parallel under torchrun: one process per device, helpers that are no-ops in a single process --
+
+def dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if dist_on() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL and the process's own GPU
+    (LOCAL_RANK) on CUDA, gloo on the CPU. Returns this process's device."""
+    device = resolve_device(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist_on():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=2))  # rank 0 alone fits DDAS
+    if cfg.batch_size % world():
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
+                         f"{world()} processes: use a multiple of {world()}")
+    return device
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist_on():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the ranks, in place."""
+    if dist_on():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@contextmanager
+def rank_zero_first():
+    """Rank 0 runs the body first (downloads, the tiny CLIP's pretraining and its cache), then the others."""
+    if dist_on() and rank() > 0:
+        torch.distributed.barrier()
+    yield
+    if dist_on() and rank() == 0:
+        torch.distributed.barrier()
+
+
+def progress(iterable, desc: str):
+    """A progress bar on rank 0's terminal only."""
+    return tqdm(iterable, desc=desc, disable=None if rank() == 0 else True, leave=False)
+
+
+def train_step(net, model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tensor:
+    """Forward, cross-entropy over the task's classes (+ load balancing), backward, AdamW, and the
+    frozen experts and other tasks' routers put back bitwise."""
+    with autocast_for(cfg, x.device):
+        logits = net(x, tokens, router)
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if cfg.balance_coef > 0:
+        loss = loss + cfg.balance_coef * sum(a.aux_loss.float() for a in adapters(model) if a.aux_loss is not None)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    for a in adapters(model):
+        a.restore_fixed()
+    return loss
+
+
+def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device,
+               net: nn.Module | None = None) -> float:
+    """`net` is TaskLogits(model), wrapped in DistributedDataParallel under torchrun."""
+    net = TaskLogits(model) if net is None else net
     lo, hi = bench.splits[task]
-    loader = torch.utils.data.DataLoader(bench.subset("train", task), batch_size=cfg.batch_size, shuffle=True,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    # every rank shuffles with the same seeded permutation and takes its share of each global batch (the
+    # union of the ranks' batches is the batch of a single process), so 1 and N processes see the same data
+    sampler = torch.utils.data.DistributedSampler(bench.subset("train", task), num_replicas=world(), rank=rank(),
+                                                  shuffle=True, seed=cfg.seed + 1000 * task)
+    loader = torch.utils.data.DataLoader(bench.subset("train", task), batch_size=cfg.batch_size // world(),
+                                         sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     template = bench.templates[task][0]                                 # MTIL: the data set's first template
     tokens = tokenize([template.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
     router = router_of_task(cfg, task)
@@ -1277,36 +1518,27 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
                             weight_decay=cfg.weight_decay)
     steps = cfg.iterations or len(loader) * cfg.epochs
-    model.train()
-    batches = iter(loader)
-    bar = tqdm(range(steps + int(cfg.extra_step)), desc=f"task {task + 1}/{len(bench.splits)}", disable=None,
-               leave=False)
+    net.train()
+    batches, epoch = iter(loader), 0
+    bar = progress(range(steps + int(cfg.extra_step)), f"task {task + 1}/{len(bench.splits)}")
     for step in bar:
         try:
             x, y = next(batches)
         except StopIteration:  # next epoch (or the authors' extra step, quirk Q17)
+            epoch += 1
+            sampler.set_epoch(epoch)
             batches = iter(loader)
             x, y = next(batches)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
-        x, y = x.to(device, non_blocking=True), (y - lo).to(device)
-        with autocast_for(cfg, device):
-            img = encode_images(model, x, torch.full((len(x),), router, device=device))
-            txt = encode_texts(model, tokens, torch.full((len(tokens),), router, device=device))
-        loss = F.cross_entropy(clip_logits(model, img.float(), txt.float()), y, label_smoothing=cfg.label_smoothing)
-        if cfg.balance_coef > 0:
-            loss = loss + cfg.balance_coef * sum(a.aux_loss.float() for a in adapters(model) if a.aux_loss is not None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for a in adapters(model):
-            a.restore_fixed()
+        loss = train_step(net, model, opt, cfg, x.to(device, non_blocking=True), (y - lo).to(device), tokens, router)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if cfg.freeze:
         for a in adapters(model):
+            all_sum(a.usage)  # every rank freezes the same experts: those most used over all ranks' samples
             a.freeze_most_used()
-    model.eval()
+    net.eval()
     return loss.item()
 
 
@@ -1357,6 +1589,21 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
 
 
 @torch.no_grad()
+def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for, lo: int, hi: int) -> torch.Tensor:
+    """Logits of images x over classes lo..hi-1; image i goes through router r[i] (-1 or r None: the
+    untouched CLIP) and is compared with the class embeddings text_for(route) made with the same router."""
+    with autocast_for(cfg, x.device):
+        img = F.normalize(encode_images(model, x, r).float(), dim=-1)
+    if r is None:
+        return img @ text_for(None)[lo:hi].T
+    logits = torch.empty(len(x), hi - lo, device=x.device)
+    for q in r.unique().tolist():
+        m = r == q
+        logits[m] = img[m] @ text_for(q if q >= 0 else None)[lo:hi].T
+    return logits
+
+
+@torch.no_grad()
 def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None):
     """Row t of the accuracy matrix (percent), the number of test images of each task, and where the
     test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...].
@@ -1373,32 +1620,29 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
     accs, counts, sent = [], [], []
     for j in range(T):
         lo, hi = bench.splits[j] if bench.kind == "mtil" else (0, bench.splits[max(t, j)][1])  # possible answers
-        loader = torch.utils.data.DataLoader(bench.subset("test", j), batch_size=cfg.eval_batch_size,
-                                             num_workers=cfg.workers, pin_memory=device.type == "cuda")
-        correct, n = torch.zeros((), dtype=torch.long, device=device), 0
-        where = torch.zeros(n_routers(cfg) + 1, dtype=torch.long, device=device)
-        for x, y in tqdm(loader, desc=f"eval on task {j + 1}", disable=None, leave=False):
+        images = bench.subset("test", j)  # under torchrun each rank takes every world()-th image; sums below
+        images = torch.utils.data.Subset(images, range(rank(), len(images), world())) if world() > 1 else images
+        loader = torch.utils.data.DataLoader(images, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
+                                             pin_memory=device.type == "cuda")
+        tally = torch.zeros(n_routers(cfg) + 3, dtype=torch.long, device=device)  # correct, n, destinations
+        correct, n, where = tally[0], tally[1], tally[2:]
+        for x, y in progress(loader, f"eval on task {j + 1}"):
             x, y = x.to(device, non_blocking=True), y.to(device)
             if selector is not None:
                 r = selector.select(x)                                   # [N], -1 = untouched CLIP
             else:
                 fixed = eval_route(cfg, j, t)
                 r = None if fixed is None else torch.full((len(x),), fixed, device=device)
-            with autocast_for(cfg, device):
-                img = F.normalize(encode_images(model, x, r).float(), dim=-1)
+            logits = classify(model, cfg, x, r, text_for, lo, hi)
             if r is None:
-                logits = img @ text_for(None)[lo:hi].T
                 where[0] += len(x)
-            else:  # each image against the class embeddings made with its own router
-                logits = torch.empty(len(x), hi - lo, device=device)
-                for q in r.unique().tolist():
-                    m = r == q
-                    logits[m] = img[m] @ text_for(q if q >= 0 else None)[lo:hi].T
+            else:
                 where += torch.bincount(r + 1, minlength=len(where))
             correct += (logits.argmax(1) + lo == y).sum()
             n += len(y)
-        accs.append(100.0 * correct.item() / max(n, 1))
-        counts.append(n)
+        all_sum(tally)
+        accs.append(100.0 * correct.item() / max(n.item(), 1))
+        counts.append(n.item())
         sent.append(where.tolist())
     return accs, counts, sent
 
@@ -1553,10 +1797,11 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     """Never overwrite a saved run silently: a folder that holds one needs --resume or --overwrite."""
     if not cfg.output_dir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = os.path.join("runs", f"{cfg.dataset}-{cfg.tasks}-{cfg.method}-{stamp}")
+        base = os.path.join("runs", f"{'bench' if cfg.bench else cfg.dataset}-{cfg.tasks}-{cfg.method}-{stamp}")
         cfg.output_dir, i = base, 1
         while os.path.exists(cfg.output_dir):
             cfg.output_dir, i = f"{base}-{i}", i + 1
+        cfg.output_dir = broadcast(cfg.output_dir)  # under torchrun: rank 0's name
     out = cfg.output_dir
     saved = [f for f in ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv") if os.path.exists(os.path.join(out, f))]
     if cfg.resume and "checkpoint.pt" not in saved:
@@ -1567,6 +1812,8 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     if check_only:
         if cfg.resume:
             read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # refuse a foreign checkpoint before any download
+        return out
+    if rank() > 0:  # only rank 0 writes
         return out
     os.makedirs(out, exist_ok=True)
     if cfg.overwrite:
@@ -1599,34 +1846,46 @@ def run(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     if cfg.dry_run:
         return dry_run(cfg)
-    device = resolve_device(cfg)
+    device = init_distributed(cfg)
+    if cfg.bench:
+        return bench_run(cfg, device)
+    main_rank = rank() == 0
     if cfg.resume or cfg.output_dir:
         prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
-    model = load_clip(cfg)
-    if cfg.method != "zeroshot":
-        add_moe_adapters(model, cfg)
-    model.to(device)
-    bench = load_benchmark(cfg, model.visual.input_resolution)
+    with rank_zero_first():
+        model = load_clip(cfg)
+        if cfg.method != "zeroshot":
+            add_moe_adapters(model, cfg)
+        model.to(device)
+        bench = load_benchmark(cfg, model.visual.input_resolution)
+        selector = TaskSelector(cfg, model, len(bench.splits)).to(device) if cfg.ddas else None
     T = len(bench.splits)
-    if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic"):
+    if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic") and main_rank:
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
-    selector = TaskSelector(cfg, model, T).to(device) if cfg.ddas else None
     out = prepare_output_dir(cfg)
     state, ckpt_path = {"matrix": [], "counts": [], "rows": []}, os.path.join(out, "checkpoint.pt")
     if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
         ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
         state = {k: ckpt[k] for k in ("matrix", "counts", "rows")}
         model.to(device)
-        write_metrics(out, state, T, bench.kind)
-        print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
-    atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        if main_rank:
+            write_metrics(out, state, T, bench.kind)
+            print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
+    if main_rank:
+        atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    net = TaskLogits(model)
+    if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)  # usage counts stay per rank until summed
     for t in range(len(state["rows"]), T):
         if cfg.method != "zeroshot":
-            train_task(model, cfg, bench, t, device)
+            train_task(model, cfg, bench, t, device, net)
         if selector is not None:
-            fit_selector(selector, cfg, torch.utils.data.DataLoader(bench.subset("train", t), batch_size=64,
-                                                                    shuffle=True, num_workers=cfg.workers), t, device)
+            if main_rank:  # rank 0 fits the autoencoder; every rank gets its weights and threshold
+                fit_selector(selector, cfg, torch.utils.data.DataLoader(
+                    bench.subset("train", t), batch_size=64, shuffle=True, num_workers=cfg.workers), t, device)
+            selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
         accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector)
         state["matrix"].append(accs)
         lo, hi = bench.splits[t]
@@ -1635,10 +1894,13 @@ def run(cfg: Config) -> dict:
         if cfg.routers == "per-task" and cfg.method == "moe-adapters":
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
-        save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
-        write_metrics(out, state, T, bench.kind)
-        print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
-              f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
+        if dist_on():  # rank 0's random state everywhere, the one the checkpoint keeps (exact resume)
+            set_rng_states(broadcast(rng_states()))
+        if main_rank:
+            save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
+            write_metrics(out, state, T, bench.kind)
+            print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
+                  f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
     last = state["rows"][-1]
     return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
             "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
@@ -1708,8 +1970,12 @@ def main(argv: list[str] | None = None) -> dict:
             return run_demo({k: v for k, v in args.items() if k != "demo"})
         return run(resolve_config(args))
     except UsageError as e:
-        print(f"moe_adapters.py: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank finds the same error
+            print(f"moe_adapters.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if dist_on():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

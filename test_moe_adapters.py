@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import moe_adapters as M  # first: it silences clip's pkg_resources warning
+# The fused Triton kernel's tests run on Triton's CPU interpreter; it must be chosen before triton is imported
+os.environ["TRITON_INTERPRET"] = "1"
+import moe_adapters as M  # noqa: E402  (first of ours: it silences clip's pkg_resources warning)
 import clip.model  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_adapters.py")
@@ -807,10 +809,10 @@ def run_interrupted_at_task(monkeypatch, argv: list, stop_at: int) -> None:
     """Run main(argv) and interrupt it (KeyboardInterrupt) as task `stop_at` begins training."""
     real_train_task = M.train_task
 
-    def interrupted(model, cfg, bench, task, device):
+    def interrupted(model, cfg, bench, task, *args):
         if task == stop_at:
             raise KeyboardInterrupt
-        return real_train_task(model, cfg, bench, task, device)
+        return real_train_task(model, cfg, bench, task, *args)
 
     monkeypatch.setattr(M, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -1342,3 +1344,148 @@ def test_alexnet_features_from_a_weights_file_and_a_corrupt_one(tmp_path, capsys
     cfg_bad = tiny_cfg(preset="full", ddas_features="alexnet", ddas_weights=str(bad))
     with pytest.raises(M.UsageError, match="ddas-weights"):
         M.TaskSelector(cfg_bad, adapted, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# 14. The fused Triton kernel (on Triton's CPU interpreter) equals the readable loop
+# ------------------------------------------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(M.triton is None, reason="triton cannot be imported: the fused kernel is untested")
+
+
+def kernel_problem(E, k, d, r, L, N, seed=0, dtype=torch.float32):
+    """Non-zero experts (w_up too: zero-initialised experts would hide bugs), x as a strided [L, N, d] view,
+    sample 0 bypassed (all gates 0) and, with k = 2, one more gate at 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, L, d, generator=g).transpose(0, 1)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    w = torch.rand(N, k, generator=g)
+    w[0] = 0.0
+    if k > 1:
+        w[-1, 1] = 0.0
+    experts = [torch.randn(E, d, r, generator=g) / d ** 0.5, 0.1 * torch.randn(E, r, generator=g),
+               torch.randn(E, r, d, generator=g) / r ** 0.5, 0.1 * torch.randn(E, d, generator=g)]
+    return [x.to(dtype), idx, w.to(dtype)] + [t.to(dtype) for t in experts]
+
+
+def outputs_and_grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    y = fn(*leaves)
+    (y * grad_out).sum().backward()
+    return y.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+KERNEL_CASES = [  # E, k, d, r, L, N: 2 and 22 experts, k 1 and 2, widths 64 and 768, L not a multiple of BLOCK_L
+    (2, 1, 64, 64, 17, 4), (2, 2, 64, 64, 50, 5), (22, 1, 768, 64, 17, 3), (22, 2, 768, 64, 20, 3),
+    (22, 2, 100, 24, 33, 6),  # k*r = 48 padded to 64 hidden columns; d not a multiple of BLOCK_D
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("E,k,d,r,L,N", KERNEL_CASES)
+def test_fused_kernel_equals_loop_in_outputs_and_gradients(E, k, d, r, L, N):
+    inputs = kernel_problem(E, k, d, r, L, N)
+    assert L % M.BLOCK_L != 0
+    grad_out = torch.randn(L, N, d, generator=torch.Generator().manual_seed(5))
+    y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t, 0.7, 0.0), inputs, grad_out)
+    ref_in = [t.double() if t.is_floating_point() else t for t in inputs]  # the loop in float64 as the truth
+    y_ref, g_ref = outputs_and_grads(lambda *t: M.mixture_loop(*t, 0.7, 0.0), ref_in, grad_out.double())
+    assert float(y_ref.abs().max()) > 0.1
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-4, rtol=1e-4)
+    for name, a, b in zip(["x", "gates", "w_down", "b_down", "w_up", "b_up"], g, g_ref):
+        if name == "gates":  # the loop skips zero gates (see test 3); compare where the gate is live
+            a, b = a[inputs[2] != 0], b[inputs[2] != 0]
+        torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-4, msg=lambda m: f"gradient of {name}: {m}")
+    unused = torch.ones(E, dtype=torch.bool)
+    unused[inputs[1][1:].flatten()] = False  # experts no live sample chose (sample 0 is bypassed)
+    assert bool(unused.any()) == (E == 22)
+    for t in g[2:]:
+        assert float(t[unused].abs().max() if bool(unused.any()) else 0) == 0.0  # exactly no gradient
+    assert float(g[0][:, 0].abs().max()) == 0.0  # the bypassed sample: no input gradient
+
+
+@needs_triton
+def test_fused_kernel_adds_to_the_block_output_and_runs_without_grad():
+    L, N, d = 19, 4, 96
+    inputs = kernel_problem(6, 2, d, 32, L, N, seed=1)
+    base = torch.randn(L, N, d)
+    grad_out = torch.randn(L, N, d)
+    y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t[:-1], 0.5, 0.0, base=t[-1]), inputs + [base], grad_out)
+    torch.testing.assert_close(y, base + M.mixture_loop(*inputs, 0.5, 0.0), atol=1e-4, rtol=1e-4)
+    assert torch.equal(g[-1], grad_out)
+    with torch.no_grad():  # inference stores no activations for a backward
+        torch.testing.assert_close(M.mixture_triton(*inputs, 0.5, 0.0), M.mixture_loop(*inputs, 0.5, 0.0),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_fused_kernel_dropout_equals_the_same_mask_in_pytorch():
+    E, k, d, r, L, N, p = 7, 2, 64, 32, 21, 4, 0.5
+    x, idx, w, wd, bd, wu, bu = kernel_problem(E, k, d, r, L, N, seed=2)
+    grad_out = torch.randn(L, N, d)
+    torch.manual_seed(123)
+    y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t, 0.8, p), [x, idx, w, wd, bd, wu, bu], grad_out)
+    torch.manual_seed(123)  # the draw FusedMixture.forward makes: mask [N, L, k*r] of 0 and 1/(1-p)
+    mask = torch.empty(N, L, k * r).bernoulli_(1 - p).div_(1 - p).view(N, L, k, r)
+    assert 0.4 < float((mask == 0).float().mean()) < 0.6
+
+    def masked(x, w, wd, bd, wu, bu):  # the mixture written out with that mask
+        h = F.relu(torch.einsum("lnd,nkdr->nlkr", x, wd[idx]) + bd[idx][:, None]) * mask
+        return 0.8 * torch.einsum("nk,nlkd->lnd", w, torch.einsum("nlkr,nkrd->nlkd", h, wu[idx]) + bu[idx][:, None])
+
+    y_ref, g_ref = outputs_and_grads(masked, [x, w, wd, bd, wu, bu], grad_out)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_fused_kernel_in_bf16():
+    """bf16 operands, fp32 accumulation (the interpreter upcasts the tl.dot operands: its bf16 dot is wrong)."""
+    inputs = kernel_problem(4, 2, 64, 32, 17, 3, seed=3)
+    grad_out = torch.randn(17, 3, 64)
+    y_ref, g_ref = outputs_and_grads(lambda *t: M.mixture_loop(*t, 1.0, 0.0), inputs, grad_out)
+    bf = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
+    y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t, 1.0, 0.0), bf, grad_out.bfloat16())
+    assert y.dtype == torch.bfloat16 and all(a.dtype == torch.bfloat16 for a in g)
+    torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=5e-2)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.float(), b, atol=1e-1, rtol=5e-2)
+
+
+@needs_triton
+def test_whole_model_triton_equals_batched_forward_and_training_gradients():
+    cfg = tiny_cfg(preset="full", adapter_dropout=0.0)
+    _, batched = tiny_adapted_clip(cfg)
+    randomise_adapters(batched)
+    fused = copy.deepcopy(batched)
+    for a in M.adapters(fused):
+        a.impl = "triton"
+    images, tokens = sample_inputs()
+    route_i, route_t = torch.tensor([0, 1, -1, 3, 2, 0]), torch.tensor([1, 0, 3, -1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(M.encode_images(fused, images, route_i), M.encode_images(batched, images, route_i),
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(M.encode_texts(fused, tokens, route_t), M.encode_texts(batched, tokens, route_t),
+                                   atol=1e-4, rtol=1e-4)
+    grads = []
+    for model in (batched, fused):  # one training step's gradients (router noise drawn identically)
+        model.train()
+        torch.manual_seed(7)
+        logits = M.TaskLogits(model)(images, tokens, 1)
+        F.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 4, 0])).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4 * 6  # 4 blocks x (4 expert + 2 router tensors)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+    assert any(float(g.abs().max()) > 0 for n, g in grads[1].items() if "w_gate" in n)  # the routers learn
+
+
+def test_moe_impl_auto_is_batched_on_the_cpu_and_triton_needs_cuda(tmp_path):
+    assert M.resolve_impl(tiny_cfg()) == "batched"
+    assert M.resolve_impl(tiny_cfg(moe_impl="loop")) == "loop"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--moe-impl", "triton", "--device", "cpu", "--dry-run",
+                           "--clip-weights", "random"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--moe-impl triton" in proc.stderr
