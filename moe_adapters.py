@@ -1877,7 +1877,7 @@ def run(cfg: Config) -> dict:
     net = TaskLogits(model)
     if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)  # usage counts stay per rank until summed
+                                                  forward_sync_buffers=False)  # usage counts stay per rank until summed
     for t in range(len(state["rows"]), T):
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device, net)
