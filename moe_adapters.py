@@ -12,15 +12,19 @@ Reproduced here: the class-incremental setting (CIFAR-100 in 10/20/50 steps, Tin
 the authors' CIL configuration (`--preset cil`) and the full method (`--preset full`: 22 experts,
 per-task routers, activate-freeze, the DDAS task selector), the zero-shot and sequential fine-tuning
 baselines, the MTIL benchmark (11 data sets, Orders I/II, full and 5-shot) and its metrics, and an
-offline synthetic world with a tiny CLIP so that everything runs on a laptop. Not yet here: the
-fused CUDA kernel and multi-GPU training.
+offline synthetic world with a tiny CLIP so that everything runs on a laptop. The expert mixture runs
+as a readable loop, as batched matrix products, or as one fused Triton kernel on CUDA; training runs
+data-parallel on several GPUs under torchrun; --bench measures the speed.
 
     python moe_adapters.py                                   # offline demo, ~1.5 min on 2 CPU cores
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~3 min on 2 CPU cores
+    torchrun --nproc_per_node 4 moe_adapters.py --dataset cifar100 --tasks 10   # on 4 GPUs
+    python moe_adapters.py --bench --clip-weights random     # speed of every part on this device
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~4 min on 2 CPU cores
 
-Sections: config | CLIP backbone | experts and routers | the mixture | task selector (DDAS) | data |
-training one task | evaluation and metrics | checkpoints | command line and main.
+Sections: config | CLIP backbone | experts and routers | the mixture (loop, batched, fused kernel) |
+task selector (DDAS) | data | training one task (and data parallelism) | evaluation and metrics |
+checkpoints | speed mode | command line and main.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import math
 import os
 import random
 import sys
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -621,13 +626,19 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU int
 UPCAST_DOT = TRITON_INTERPRET  # the interpreter's bf16 tl.dot is wrong: give it fp32 operands
 BLOCK_L, BLOCK_D = 32, 64      # tokens per program, and the chunk of the model width per tl.dot
 
+# The fused kernel: one program per (sample n, tile of BLOCK_L tokens). The sample's k experts' hidden
+# units sit side by side as one tile of k*r columns (padded to a power of two): column c belongs to
+# expert idx[n, c // r], unit c % r, so both matrix products read the stacked expert weights in place
+# through integer offsets (no per-sample weight copies, no pointers loaded from memory, no host sync).
 if triton is not None:
     @triton.jit
-    def fused_mixture_kernel(x_ptr, base_ptr, y_ptr, idx_ptr, w_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, mask_ptr, h_ptr,
-                 L, D, scale, sxl, sxn, sbl, sbn, syl, syn,
-                 K: tl.constexpr, R: tl.constexpr, KRP: tl.constexpr, BLOCK_L: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, STORE_H: tl.constexpr,
-                 HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    def fused_mixture_kernel(x_ptr, base_ptr, y_ptr, idx_ptr, w_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, mask_ptr,
+                             h_ptr, L, D, scale, sxl, sxn, sbl, sbn, syl, syn,
+                             K: tl.constexpr, R: tl.constexpr, KRP: tl.constexpr, BLOCK_L: tl.constexpr,
+                             BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, STORE_H: tl.constexpr,
+                             HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+        """y[l, n] = base[l, n] + sum_j w[n, j] s (drop(relu(x[l, n] Wd[e_j] + bd[e_j])) Wu[e_j] + bu[e_j]),
+        e_j = idx[n, j]; x, base, y are [L, N, d] with strides (sxl, sxn, 1) etc."""
         n = tl.program_id(0)                                   # one sample ...
         l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # ... and a tile of its tokens
         lm = l < L
@@ -676,6 +687,9 @@ def rowmajor(t):  # the kernel indexes the last dimension with stride 1
 
 
 class FusedMixture(torch.autograd.Function):
+    """Forward: the kernel above (it keeps h, the post-dropout hidden units, when a gradient is needed).
+    Backward: PyTorch ops on h; dropout and ReLU together have derivative (h > 0) / (1 - p)."""
+
     @staticmethod
     def forward(ctx, x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base):
         L, N, D = x.shape
@@ -1803,7 +1817,8 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
             cfg.output_dir, i = f"{base}-{i}", i + 1
         cfg.output_dir = broadcast(cfg.output_dir)  # under torchrun: rank 0's name
     out = cfg.output_dir
-    saved = [f for f in ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv") if os.path.exists(os.path.join(out, f))]
+    saved = [f for f in ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv", "bench.json")
+             if os.path.exists(os.path.join(out, f))]
     if cfg.resume and "checkpoint.pt" not in saved:
         raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
     if saved and not cfg.resume and not cfg.overwrite:
@@ -1909,6 +1924,132 @@ def run(cfg: Config) -> dict:
             "trainable_params": parameter_table(model)["trainable_params"]}
 
 
+# ------------------------------------------------------------------------------------------------
+# Speed mode (--bench): every figure measured in one run on one device, with random weights and inputs
+# (speed does not depend on their values), medians after warm-up, written to bench.json.
+# ------------------------------------------------------------------------------------------------
+
+BENCH_TARGETS = {  # key: (bound, "max" or "min")
+    "forward_ratio_adapted_vs_frozen": (1.10, "max"), "step_ratio_22_vs_2_experts": (1.10, "max"),
+    "mixture_speedup_batched_vs_loop_22": (1.5, "min"), "mixture_speedup_triton_vs_loop_22": (2.0, "min")}
+
+
+def timed(fn, device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall-clock milliseconds of fn() over `repeats` calls after `warmup` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def set_experts(model: nn.Module, cfg: Config, experts: int, impl: str) -> None:
+    """Give every block a fresh MoEAdapter of `experts` experts (random non-zero up-projections)."""
+    for b in (m for m in model.modules() if isinstance(m, MoEBlock)):
+        d = b.ln_1.weight.shape[0]
+        b.moe = MoEAdapter(d, experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
+                           cfg.adapter_dropout, impl, freeze_top=cfg.freeze_top).to(b.ln_1.weight.device)
+        nn.init.normal_(b.moe.w_up, std=0.02)
+
+
+def bench_run(cfg: Config, device: torch.device) -> dict:
+    """Frozen CLIP forward (images + one task's class prompts), the adapted forward per --moe-impl, one
+    training step at 2 and at 22 experts, the mixture alone per implementation, and one test batch
+    through DDAS with cached class embeddings."""
+    if world() > 1:
+        raise UsageError("--bench runs in one process: start it with python, not torchrun")
+    out = prepare_output_dir(cfg)
+    cfg = dataclasses.replace(cfg, routers="per-task", ddas_weights=cfg.ddas_weights or "random")
+    impls = ["loop", "batched"] + (["triton"] if triton is not None and device.type == "cuda" else [])
+    auto = resolve_impl(dataclasses.replace(cfg, moe_impl="auto"))
+    model = load_clip(cfg).to(device)
+    res, B, C = model.visual.input_resolution, cfg.batch_size, 10  # C: the classes of one CIFAR-100 task
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(B, 3, res, res, generator=gen).to(device)
+    tokens = tokenize([cfg.prompt.format(f"class number {i}") for i in range(C)], device)
+    ms, zeros = {}, lambda n: torch.zeros(n, dtype=torch.long, device=device)
+    print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
+          f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto})", file=sys.stderr)
+
+    def forward(route_images, route_texts):
+        with torch.no_grad(), autocast_for(cfg, device):
+            encode_images(model, images, route_images)
+            encode_texts(model, tokens, route_texts)
+
+    with torch.no_grad(), autocast_for(cfg, device):  # the untouched CLIP, before any block is wrapped
+        ms["frozen_images"] = timed(lambda: model.encode_image(images), device)
+        ms["frozen_texts"] = timed(lambda: model.encode_text(tokens), device)
+        ms["frozen_forward"] = timed(lambda: (model.encode_image(images), model.encode_text(tokens)), device)
+    add_moe_adapters(model, cfg)
+    set_experts(model, cfg, 22, auto)
+    model.eval()
+    for impl in impls:
+        for a in adapters(model):
+            a.impl = impl
+        ms[f"adapted_forward_{impl}"] = timed(lambda: forward(zeros(B), zeros(C)), device)
+    for a in adapters(model):
+        a.impl = auto
+    selector = TaskSelector(cfg, model, n_tasks_total(cfg)).to(device)  # DDAS over every task's autoencoder
+    with torch.no_grad():
+        selector.tau.copy_(selector.errors(selector.features(images)).median(0).values)  # a mix of routes
+        selector.trained.fill_(True)
+        text = {q: F.normalize(encode_texts(model, tokens, None if q is None else zeros(C) + q).float(), dim=-1)
+                for q in [None] + list(range(selector.tau.numel()))}
+    ms["ddas_eval_batch"] = timed(lambda: classify(model, cfg, images, selector.select(images), text.get, 0, C), device)
+    # one training step (forward, backward, AdamW, restore of the fixed rows) with 22 and with 2 experts:
+    # two adapter sets swapped into the blocks in turn, so that drift in the machine's speed hits both alike
+    blocks, setups, steps = [m for m in model.modules() if isinstance(m, MoEBlock)], {}, {22: [], 2: []}
+    for experts in steps:
+        set_experts(model, cfg, experts, auto)
+        for a in adapters(model):
+            a.begin_task(0)
+        setups[experts] = ([b.moe for b in blocks], torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
+    net, y = TaskLogits(model).train(), torch.randint(C, (B,), generator=gen).to(device)
+    for _ in range(6):
+        for experts, (moes, opt) in setups.items():
+            for b, moe in zip(blocks, moes):
+                b.moe = moe
+            steps[experts].append(timed(lambda: train_step(net, model, opt, cfg, images, y, tokens, 0), device, 0, 1))
+    for experts, times in steps.items():
+        ms[f"train_step_{experts}_experts"] = float(np.median(times[1:]))  # the first round is the warm-up
+    d, L = model.visual.transformer.width, model.visual.positional_embedding.shape[0]
+    x = torch.randn(L, B, d, generator=gen).to(device)
+    for experts in (2, 22):  # the mixture alone, image-tower shapes
+        wd, bd = 0.02 * torch.randn(experts, d, cfg.bottleneck), torch.zeros(experts, cfg.bottleneck)
+        wu, bu = 0.02 * torch.randn(experts, cfg.bottleneck, d), torch.zeros(experts, d)
+        idx = torch.randn(B, experts, generator=gen).topk(cfg.top_k, dim=1).indices
+        w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
+        args = [t.to(device) for t in (x, idx, w, wd, bd, wu, bu)] + [cfg.adapter_scale, 0.0]
+        for impl in impls:
+            with torch.no_grad():
+                ms[f"mixture_{experts}_experts_{impl}"] = timed(lambda: MIXTURES[impl](*args), device, 2, 10)
+    ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
+              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms,
+              "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
+              "step_ratio_22_vs_2_experts": ratio("train_step_22_experts", "train_step_2_experts"),
+              "mixture_speedup_batched_vs_loop_22": ratio("mixture_22_experts_loop", "mixture_22_experts_batched"),
+              "mixture_speedup_triton_vs_loop_22": ratio("mixture_22_experts_loop", "mixture_22_experts_triton")}
+    result["targets_met"] = {k: None if result[k] is None else (result[k] <= v if how == "max" else result[k] >= v)
+                             for k, (v, how) in BENCH_TARGETS.items()}
+    lines = [f"{'what (' + result['device'] + ', batch ' + str(B) + ')':<44}{'ms':>10}"]
+    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()]
+    for k, (v, how) in BENCH_TARGETS.items():
+        got = "n/a (no CUDA)" if result[k] is None else f"{result[k]:.2f}"
+        lines.append(f"{k:<44}{got:>10}   target {'<=' if how == 'max' else '>='} {v}")
+    print("\n".join(lines))
+    atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=1) + "\n")
+    return result
+
+
 DEMO_RUNS = {  # benchmark -> label -> overrides
     "synthetic": {"zeroshot": dict(method="zeroshot"), "finetune": dict(method="finetune"),
                   "moe-adapters": dict(method="moe-adapters"), "moe-adapters full": dict(preset="full")},
@@ -1919,7 +2060,6 @@ DEMO_RUNS = {  # benchmark -> label -> overrides
 
 def run_demo(args: dict) -> dict:
     """Offline demo: the synthetic world and the tiny CLIP, both benchmarks, the methods side by side."""
-    import time
     if args.get("dry_run") or args.get("resume"):
         raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
     base = args.get("output_dir") or os.path.join("runs", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
