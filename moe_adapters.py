@@ -1949,6 +1949,16 @@ def timed(fn, device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
+def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
+    """Median milliseconds of each fn, called in turn round after round (the first round warms up), so that
+    drift in the machine's speed hits every candidate of a ratio alike."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device, 0, 1))
+    return {k: float(np.median(v[1:])) for k, v in times.items()}
+
+
 def set_experts(model: nn.Module, cfg: Config, experts: int, impl: str) -> None:
     """Give every block a fresh MoEAdapter of `experts` experts (random non-zero up-projections)."""
     for b in (m for m in model.modules() if isinstance(m, MoEBlock)):
@@ -1982,17 +1992,19 @@ def bench_run(cfg: Config, device: torch.device) -> dict:
             encode_images(model, images, route_images)
             encode_texts(model, tokens, route_texts)
 
+    def adapted(impl):
+        for a in adapters(model):
+            a.impl = impl
+        forward(zeros(B), zeros(C))
+
     with torch.no_grad(), autocast_for(cfg, device):  # the untouched CLIP, before any block is wrapped
         ms["frozen_images"] = timed(lambda: model.encode_image(images), device)
         ms["frozen_texts"] = timed(lambda: model.encode_text(tokens), device)
-        ms["frozen_forward"] = timed(lambda: (model.encode_image(images), model.encode_text(tokens)), device)
     add_moe_adapters(model, cfg)
     set_experts(model, cfg, 22, auto)
-    model.eval()
-    for impl in impls:
-        for a in adapters(model):
-            a.impl = impl
-        ms[f"adapted_forward_{impl}"] = timed(lambda: forward(zeros(B), zeros(C)), device)
+    model.eval()  # frozen = every route None: the blocks run exactly CLIP's code, the experts are skipped
+    ms.update(interleaved({"frozen_forward": lambda: forward(None, None)} | {
+        f"adapted_forward_{impl}": (lambda impl=impl: adapted(impl)) for impl in impls}, device))
     for a in adapters(model):
         a.impl = auto
     selector = TaskSelector(cfg, model, n_tasks_total(cfg)).to(device)  # DDAS over every task's autoencoder
@@ -2004,21 +2016,22 @@ def bench_run(cfg: Config, device: torch.device) -> dict:
     ms["ddas_eval_batch"] = timed(lambda: classify(model, cfg, images, selector.select(images), text.get, 0, C), device)
     # one training step (forward, backward, AdamW, restore of the fixed rows) with 22 and with 2 experts:
     # two adapter sets swapped into the blocks in turn, so that drift in the machine's speed hits both alike
-    blocks, setups, steps = [m for m in model.modules() if isinstance(m, MoEBlock)], {}, {22: [], 2: []}
-    for experts in steps:
+    blocks, setups = [m for m in model.modules() if isinstance(m, MoEBlock)], {}
+    for experts in (22, 2):
         set_experts(model, cfg, experts, auto)
         for a in adapters(model):
             a.begin_task(0)
         setups[experts] = ([b.moe for b in blocks], torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
     net, y = TaskLogits(model).train(), torch.randint(C, (B,), generator=gen).to(device)
-    for _ in range(6):
-        for experts, (moes, opt) in setups.items():
-            for b, moe in zip(blocks, moes):
-                b.moe = moe
-            steps[experts].append(timed(lambda: train_step(net, model, opt, cfg, images, y, tokens, 0), device, 0, 1))
-    for experts, times in steps.items():
-        ms[f"train_step_{experts}_experts"] = float(np.median(times[1:]))  # the first round is the warm-up
+
+    def step(experts):
+        moes, opt = setups[experts]
+        for b, moe in zip(blocks, moes):
+            b.moe = moe
+        train_step(net, model, opt, cfg, images, y, tokens, 0)
+
+    ms.update(interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in setups}, device))
     d, L = model.visual.transformer.width, model.visual.positional_embedding.shape[0]
     x = torch.randn(L, B, d, generator=gen).to(device)
     for experts in (2, 22):  # the mixture alone, image-tower shapes
