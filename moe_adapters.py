@@ -86,7 +86,7 @@ class Config:
     adapter_scale: float = 0.1         # fixed output scale s of every expert
     adapter_dropout: float = 0.1       # dropout after the expert's ReLU (training only)
     balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code effectively uses 0)
-    moe_impl: str = "auto"             # loop (readable) | batched (no Python loop, no host sync) | triton (fused, CUDA) | auto
+    moe_impl: str = "auto"             # loop (readable) | batched (no loop, no host sync) | triton (fused kernel) | auto: triton on CUDA, else batched
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
     eval_noise: bool = False           # quirk Q1: keep router noise on at evaluation, as the authors' CIL code does
@@ -129,7 +129,7 @@ class Config:
     resume: bool = False               # continue the run in --output-dir after its last completed task
     overwrite: bool = False            # allow writing into an --output-dir that already holds a run
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
-    bench: bool = False                # time the frozen and adapted forward, a training step, the mixtures and DDAS; write bench.json
+    bench: bool = False                # time every part on --device (with --clip-weights random: no download); write bench.json
 
 
 CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"],

@@ -1564,14 +1564,16 @@ def test_two_process_run_resumes_after_a_kill_to_the_same_result(two_process_ful
     argv, base, _ = two_process_full_run
     out = tmp_path / "killed"
     proc = subprocess.Popen(TORCHRUN + argv + ["--output-dir", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 240
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of task 2
-    proc.wait()
-    assert len(read_jsonl(out / "metrics.jsonl")) == 1, "the kill came too late: task 2 had already finished"
+    # SIGTERM to torchrun, as a scheduler would: it stops its workers (each in a session of its own, which a
+    # SIGKILL of torchrun's process group would leave running) and waits for them
+    os.kill(proc.pid, signal.SIGTERM)  # in the middle of task 2
+    assert proc.wait(timeout=60) != 0
+    time.sleep(1)
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1, "the stop came too late: task 2 had already finished"
     cli_run(TORCHRUN, argv + ["--resume"], out)
     assert open(out / "accuracy_matrix.csv").read() == open(base / "two" / "accuracy_matrix.csv").read()
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(base / "two" / "metrics.jsonl")
