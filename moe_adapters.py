@@ -302,6 +302,9 @@ def validate(cfg: Config) -> None:
         raise UsageError("--moe-impl triton needs triton and a CUDA device (or TRITON_INTERPRET=1, Triton's slow "
                          "CPU interpreter): use --moe-impl batched" if triton is not None else
                          "--moe-impl triton: triton is not installed (pip install triton): use --moe-impl batched")
+    if cfg.moe_impl == "triton" and cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
+        raise UsageError(f"--moe-impl triton holds at most {FUSED_MAX_HIDDEN} hidden units per sample, and --top-k "
+                         f"{cfg.top_k} x --bottleneck {cfg.bottleneck} is {cfg.top_k * cfg.bottleneck}: use batched")
     if cfg.amp and resolve_device(cfg).type != "cuda":
         raise UsageError("--amp is bf16 autocast on CUDA only: drop it on the CPU")
 
@@ -624,7 +627,18 @@ def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests, no GPU)
 UPCAST_DOT = TRITON_INTERPRET  # the interpreter's bf16 tl.dot is wrong: give it fp32 operands
-BLOCK_L, BLOCK_D = 32, 64      # tokens per program, and the chunk of the model width per tl.dot
+FUSED_MAX_HIDDEN = 256        # k * bottleneck hidden units the kernel holds per sample (the paper: 2 * 64)
+
+
+def fused_tiles(hidden: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_L tokens per program, BLOCK_D columns of the model width per tl.dot) for `hidden` padded hidden
+    units. A weight tile stays within 16 KB, so the kernel's shared memory (about 50-100 KB, read off the
+    kernel compiled for sm_75, sm_80 and sm_86) fits GPUs from the T4 on."""
+    bd = 64
+    while itemsize * hidden * bd > 16384 and bd > 16:
+        bd //= 2
+    return (32 if itemsize * hidden * bd <= 16384 else 16), bd
+
 
 # The fused kernel: one program per (sample n, tile of BLOCK_L tokens). The sample's k experts' hidden
 # units sit side by side as one tile of k*r columns (padded to a power of two): column c belongs to
@@ -691,23 +705,24 @@ class FusedMixture(torch.autograd.Function):
     Backward: PyTorch ops on h; dropout and ReLU together have derivative (h > 0) / (1 - p)."""
 
     @staticmethod
-    def forward(ctx, x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base):
+    def forward(ctx, x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base, store_h):
         L, N, D = x.shape
         K, R = idx.shape[1], w_down.shape[2]
+        KRP = max(16, triton.next_power_of_2(K * R))  # tl.dot needs at least 16 along every dimension
+        BLOCK_L, BLOCK_D = fused_tiles(KRP, 4 if UPCAST_DOT else x.element_size())
         x, idx, w = rowmajor(x), idx.contiguous(), w.contiguous()
         w_down, b_down, w_up, b_up = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
         mask = None
         if p_drop > 0:
             mask = torch.empty(N, L, K * R, device=x.device).bernoulli_(1 - p_drop).div_(1 - p_drop)
-        store_h = any(ctx.needs_input_grad)
         h = torch.empty(N, L, K * R, device=x.device, dtype=x.dtype) if store_h else None
         b = rowmajor(base) if base is not None else x
         y = torch.empty_like(b)  # the residual stream's dtype when adding to it
-        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not TRITON_INTERPRET else "ieee"
+        prec = "ieee" if TRITON_INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
         fused_mixture_kernel[(N, triton.cdiv(L, BLOCK_L))](
             x, b, y, idx, w, w_down, b_down, w_up, b_up, mask, h, L, D, float(scale),
             x.stride(0), x.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-            K=K, R=R, KRP=triton.next_power_of_2(K * R), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+            K=K, R=R, KRP=KRP, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
             HAS_MASK=mask is not None, STORE_H=store_h, HAS_BASE=base is not None,
             UPCAST=UPCAST_DOT, PREC=prec)
         ctx.save_for_backward(x, idx, w, w_down, b_down, w_up, b_up, h)
@@ -734,7 +749,7 @@ class FusedMixture(torch.autograd.Function):
         dx = torch.bmm(da, wd.transpose(1, 2)).transpose(0, 1)
         scatter = lambda like, g: torch.zeros_like(like).index_add_(0, flat, g.to(like.dtype))
         return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, da.sum(1).view(N * K, R)),
-                scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None)
+                scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None, None)
 
 
 def mixture_triton(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base=None):
@@ -743,8 +758,10 @@ def mixture_triton(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base=No
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     cast = lambda t: t.to(dtype)  # autograd-aware casts
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, w_down, b_down, w_up,
+                                                                                       b_up, base))
     return FusedMixture.apply(cast(x), idx, w, cast(w_down), cast(b_down), cast(w_up), cast(b_up), scale, p_drop,
-                              base)
+                              base, grad)  # grad: keep the hidden units for a backward
 
 
 MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_triton}
@@ -756,9 +773,10 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve_impl(cfg: Config) -> str:
-    """auto = the fused Triton kernel on CUDA when triton imports, the batched mixture otherwise."""
+    """auto = the fused Triton kernel on CUDA when triton imports (and k * bottleneck <= 256), else batched."""
     if cfg.moe_impl == "auto":
-        return "triton" if triton is not None and resolve_device(cfg).type == "cuda" else "batched"
+        fits = cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
+        return "triton" if triton is not None and resolve_device(cfg).type == "cuda" and fits else "batched"
     return cfg.moe_impl
 
 
@@ -1483,11 +1501,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def rank_zero_first():
-    """Rank 0 runs the body first (downloads, the tiny CLIP's pretraining and its cache), then the others."""
-    if dist_on() and rank() > 0:
+    """The first process of each machine (LOCAL_RANK 0) runs the body first (downloads, the tiny CLIP's
+    pretraining and its cache), then the others."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if dist_on() and not first:
         torch.distributed.barrier()
     yield
-    if dist_on() and rank() == 0:
+    if dist_on() and first:
         torch.distributed.barrier()
 
 
@@ -1741,15 +1761,15 @@ def run_identity(cfg: Config) -> dict:
 
 def rng_states() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized()
             else [], "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
 def set_rng_states(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] and torch.cuda.is_available():  # the state of this process's GPU
+        torch.cuda.set_rng_state(s["cuda"][0])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
@@ -1894,6 +1914,8 @@ def run(cfg: Config) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                   forward_sync_buffers=False)  # usage counts stay per rank until summed
     for t in range(len(state["rows"]), T):
+        if dist_on():  # each rank its own router noise and dropout, a function of (seed, task, rank) that resume repeats
+            torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device, net)
         if selector is not None:

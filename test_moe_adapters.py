@@ -1378,6 +1378,8 @@ def outputs_and_grads(fn, inputs, grad_out):
 KERNEL_CASES = [  # E, k, d, r, L, N: 2 and 22 experts, k 1 and 2, widths 64 and 768, L not a multiple of BLOCK_L
     (2, 1, 64, 64, 17, 4), (2, 2, 64, 64, 50, 5), (22, 1, 768, 64, 17, 3), (22, 2, 768, 64, 20, 3),
     (22, 2, 100, 24, 33, 6),  # k*r = 48 padded to 64 hidden columns; d not a multiple of BLOCK_D
+    (6, 4, 80, 64, 19, 3),    # k*r = 256: narrower tiles (BLOCK_D 16)
+    (3, 1, 48, 8, 9, 2),      # k*r = 8 padded to 16, the smallest tl.dot
 ]
 
 
@@ -1385,7 +1387,8 @@ KERNEL_CASES = [  # E, k, d, r, L, N: 2 and 22 experts, k 1 and 2, widths 64 and
 @pytest.mark.parametrize("E,k,d,r,L,N", KERNEL_CASES)
 def test_fused_kernel_equals_loop_in_outputs_and_gradients(E, k, d, r, L, N):
     inputs = kernel_problem(E, k, d, r, L, N)
-    assert L % M.BLOCK_L != 0
+    block_l, _ = M.fused_tiles(max(16, 1 << (k * r - 1).bit_length()), 4)
+    assert L % block_l != 0  # a partial tile of tokens
     grad_out = torch.randn(L, N, d, generator=torch.Generator().manual_seed(5))
     y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t, 0.7, 0.0), inputs, grad_out)
     ref_in = [t.double() if t.is_floating_point() else t for t in inputs]  # the loop in float64 as the truth
@@ -1398,7 +1401,7 @@ def test_fused_kernel_equals_loop_in_outputs_and_gradients(E, k, d, r, L, N):
         torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-4, msg=lambda m: f"gradient of {name}: {m}")
     unused = torch.ones(E, dtype=torch.bool)
     unused[inputs[1][1:].flatten()] = False  # experts no live sample chose (sample 0 is bypassed)
-    assert bool(unused.any()) == (E == 22)
+    assert bool(unused.any()) or E < 22  # with 22 experts some receive no sample
     for t in g[2:]:
         assert float(t[unused].abs().max() if bool(unused.any()) else 0) == 0.0  # exactly no gradient
     assert float(g[0][:, 0].abs().max()) == 0.0  # the bypassed sample: no input gradient
@@ -1413,9 +1416,24 @@ def test_fused_kernel_adds_to_the_block_output_and_runs_without_grad():
     y, g = outputs_and_grads(lambda *t: M.mixture_triton(*t[:-1], 0.5, 0.0, base=t[-1]), inputs + [base], grad_out)
     torch.testing.assert_close(y, base + M.mixture_loop(*inputs, 0.5, 0.0), atol=1e-4, rtol=1e-4)
     assert torch.equal(g[-1], grad_out)
-    with torch.no_grad():  # inference stores no activations for a backward
+    with torch.no_grad():
         torch.testing.assert_close(M.mixture_triton(*inputs, 0.5, 0.0), M.mixture_loop(*inputs, 0.5, 0.0),
                                    atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_fused_kernel_keeps_hidden_units_only_when_a_backward_can_follow(monkeypatch):
+    """Under no_grad (evaluation) the kernel must not write the [N, L, k*r] buffer kept for a backward,
+    even though the expert weights require grad."""
+    store = []
+    apply = M.FusedMixture.apply
+    monkeypatch.setattr(M.FusedMixture, "apply", lambda *a: store.append(a[-1]) or apply(*a))
+    x, idx, w, *experts = kernel_problem(4, 2, 32, 16, 9, 3)
+    experts = [t.requires_grad_(True) for t in experts]
+    with torch.no_grad():
+        M.mixture_triton(x, idx, w, *experts, 0.5, 0.0)
+    M.mixture_triton(x, idx, w, *experts, 0.5, 0.0).sum().backward()
+    assert store == [False, True] and experts[0].grad is not None
 
 
 @needs_triton
@@ -1484,6 +1502,8 @@ def test_whole_model_triton_equals_batched_forward_and_training_gradients():
 def test_moe_impl_auto_is_batched_on_the_cpu_and_triton_needs_cuda(tmp_path):
     assert M.resolve_impl(tiny_cfg()) == "batched"
     assert M.resolve_impl(tiny_cfg(moe_impl="loop")) == "loop"
+    with pytest.raises(M.UsageError, match="at most 256 hidden units"):  # 4 x 128: tiles too large for the kernel
+        tiny_cfg(moe_impl="triton", preset="full", top_k=4, bottleneck=128)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, SCRIPT, "--moe-impl", "triton", "--device", "cpu", "--dry-run",
                            "--clip-weights", "random"], capture_output=True, text=True, env=env, timeout=120)
@@ -1536,14 +1556,15 @@ def two_process_full_run(clip_cache, tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_the_full_method(two_process_full_run):
-    """Router noise and dropout are drawn per rank, so the runs differ like two seeds; measured here:
-    seeds 0-2 of one process span 1.4 points of Last and 1.6 of Avg, 2 processes land 0.7 and 0.4 from
-    seed 0. Tolerance: 3 points."""
+    """Router noise and dropout are drawn per rank (a stream of its own), so the runs differ like two
+    seeds. Measured here: seeds 0-2 of one process span 3.2 points of Last and 1.6 of Avg; with the same
+    seed, 2 processes land 1.7 / 1.3 / 0.1 points of Last and 0.4 / 1.0 / 0.5 of Avg from one process.
+    Tolerance: 4 points of Last, 3 of Avg."""
     argv, base, two = two_process_full_run
     one_rows, two_rows = read_jsonl(base / "one" / "metrics.jsonl"), read_jsonl(base / "two" / "metrics.jsonl")
     assert len(one_rows) == len(two_rows) == 3
-    for key in ("last", "avg"):
-        assert abs(one_rows[-1][key] - two_rows[-1][key]) <= 3.0, (key, one_rows[-1], two_rows[-1])
+    for key, tolerance in (("last", 4.0), ("avg", 3.0)):
+        assert abs(one_rows[-1][key] - two_rows[-1][key]) <= tolerance, (key, one_rows[-1], two_rows[-1])
     assert abs(one_rows[-1]["last"] - 100 / 16) > 15  # both learned something (chance is 6.25%)
     # rank 0 alone wrote and printed
     assert sum("task 2/2" in ln for ln in two.stderr.splitlines()) == 1, two.stderr
