@@ -20,7 +20,7 @@ data-parallel on several GPUs under torchrun; --bench measures the speed.
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
     torchrun --nproc_per_node 4 moe_adapters.py --dataset cifar100 --tasks 10   # on 4 GPUs
     python moe_adapters.py --bench --clip-weights random     # speed of every part on this device
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~4 min on 2 CPU cores
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~2.5 min on 2 CPU cores
 
 Sections: config | CLIP backbone | experts and routers | the mixture (loop, batched, fused kernel) |
 task selector (DDAS) | data | training one task (and data parallelism) | evaluation and metrics |

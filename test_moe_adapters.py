@@ -1628,3 +1628,42 @@ def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path):
         assert key in proc.stdout and f"{b[key]:.2f}" in proc.stdout  # the printed table has the same numbers
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # a saved result is never overwritten
     assert again.returncode == 2 and "already holds a run (bench.json)" in again.stderr
+
+
+GPU_COMPILE = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import moe_adapters as M
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def shared_memory(arch, dtype, K, R):  # compile the kernel as FusedMixture launches it, for a GPU we don't have
+    fn, krp = M.fused_mixture_kernel, max(16, triton.next_power_of_2(K * R))
+    block_l, block_d = M.fused_tiles(krp, 4 if dtype == "fp32" else 2)
+    sig = {n: "*fp32" for n in ("base_ptr", "y_ptr", "w_ptr", "mask_ptr")}
+    sig.update({n: "*" + dtype for n in ("x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "h_ptr")})
+    sig.update({n: "i32" for n in ("L", "D", "sxl", "sxn", "sbl", "sbn", "syl", "syn")}, idx_ptr="*i64", scale="fp32")
+    const = dict(K=K, R=R, KRP=krp, BLOCK_L=block_l, BLOCK_D=block_d, HAS_MASK=True, STORE_H=True, HAS_BASE=True,
+                 UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).metadata.shared
+
+print(json.dumps({f"sm{a} {d} k*r={k}x{r}": shared_memory(a, d, k, r) for a, d, k, r in
+                  [(75, "fp32", 2, 64), (80, "fp32", 2, 64), (80, "bf16", 2, 64), (90, "bf16", 2, 64),
+                   (75, "fp32", 4, 64), (86, "fp32", 1, 8)]}))
+"""
+
+
+@needs_triton
+def test_fused_kernel_compiles_for_real_gpus_within_their_shared_memory(tmp_path):
+    """The interpreter accepts what a GPU compiler refuses (tl.dot under 16 wide, tiles that overflow shared
+    memory), so the kernel is also compiled here, without a GPU, for Turing (T4), Ampere and Hopper targets,
+    fp32 and bf16, as FusedMixture launches it. Every launch must fit the T4's 64 KB per block."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", GPU_COMPILE, os.path.dirname(SCRIPT)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 6 and all(0 < v <= 65536 for v in shared.values()), shared
