@@ -1472,6 +1472,22 @@ def test_fused_kernel_in_bf16():
 
 
 @needs_triton
+def test_fused_kernel_under_autocast_computes_in_bf16_and_adds_to_the_fp32_stream():
+    """--amp: the operands are cast to bf16 (autograd-aware), the sum lands in the fp32 residual stream and
+    the fp32 expert weights get fp32 gradients."""
+    x, idx, w, *experts = kernel_problem(5, 2, 64, 32, 17, 3, seed=4)
+    experts = [t.requires_grad_(True) for t in experts]
+    base = torch.randn(17, 3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = M.mixture_triton(x, idx, w, *experts, 0.5, 0.0, base=base)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, base + M.mixture_loop(x, idx, w, *[t.detach() for t in experts], 0.5, 0.0),
+                               atol=3e-2, rtol=3e-2)
+    y.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in experts)
+
+
+@needs_triton
 def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     cfg = tiny_cfg(preset="full", adapter_dropout=0.0)
     _, batched = tiny_adapted_clip(cfg)
