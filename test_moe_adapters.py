@@ -1683,3 +1683,12 @@ def test_fused_kernel_compiles_for_real_gpus_within_their_shared_memory(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(shared) == 6 and all(0 < v <= 65536 for v in shared.values()), shared
+
+
+def test_two_processes_refuse_a_batch_they_cannot_split_in_one_line(tmp_path):
+    proc = subprocess.run(TORCHRUN + DDP_ARGS + ["--batch-size", "63", "--clip-weights", "random", "--output-dir",
+                                                 str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "out").exists()
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("moe_adapters.py: error:")]
+    assert ours == ["moe_adapters.py: error: --batch-size 63 is the global batch and must divide evenly among 2 "
+                    "processes: use a multiple of 2"]  # printed once, by rank 0 (torchrun adds its own summary)
