@@ -773,10 +773,12 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve_impl(cfg: Config) -> str:
-    """auto = the fused Triton kernel on CUDA when triton imports (and k * bottleneck <= 256), else batched."""
+    """auto = the fused Triton kernel on a CUDA GPU Triton supports (compute capability 7.0 on) when triton
+    imports and k * bottleneck <= 256, else batched."""
     if cfg.moe_impl == "auto":
-        fits = cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
-        return "triton" if triton is not None and resolve_device(cfg).type == "cuda" and fits else "batched"
+        device, fits = resolve_device(cfg), cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
+        gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+        return "triton" if triton is not None and gpu and fits else "batched"
     return cfg.moe_impl
 
 
