@@ -523,16 +523,19 @@ class MoEBlock(nn.Module):
         return self.moe(x, self.route, base=out)
 
 
+def new_adapter(cfg: Config, d: int, impl: str, experts: int = 0) -> MoEAdapter:
+    """The MoEAdapter of one block of width d, as the config says (`experts` overrides cfg.experts)."""
+    return MoEAdapter(d, experts or cfg.experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
+                      cfg.adapter_dropout, impl, cfg.eval_noise, cfg.balance_coef > 0, cfg.freeze_top)
+
+
 def add_moe_adapters(model: nn.Module, cfg: Config) -> nn.Module:
     """Wrap every residual block of both towers in place. Adds parameters named
     `visual.transformer.resblocks.<l>.moe.*` and `transformer.resblocks.<l>.moe.*`."""
-    balance, impl = cfg.balance_coef > 0, resolve_impl(cfg)
+    impl = resolve_impl(cfg)
     for tower in (model.visual.transformer, model.transformer):
         for i, block in enumerate(tower.resblocks):
-            d = block.ln_1.weight.shape[0]
-            adapter = MoEAdapter(d, cfg.experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
-                                 cfg.adapter_dropout, impl, cfg.eval_noise, balance, cfg.freeze_top)
-            tower.resblocks[i] = MoEBlock(block, adapter)
+            tower.resblocks[i] = MoEBlock(block, new_adapter(cfg, block.ln_1.weight.shape[0], impl))
     return model
 
 
@@ -1473,12 +1476,13 @@ def init_distributed(cfg: Config) -> torch.device:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL and the process's own GPU
     (LOCAL_RANK) on CUDA, gloo on the CPU. Returns this process's device."""
     device = resolve_device(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist_on():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (every run of the demo calls this; the group is joined once)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=2))  # rank 0 alone fits DDAS
+        if not dist_on():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(hours=2))  # rank 0 alone fits DDAS
     if cfg.batch_size % world():
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
                          f"{world()} processes: use a multiple of {world()}")
@@ -1933,8 +1937,6 @@ def run(cfg: Config) -> dict:
         if cfg.routers == "per-task" and cfg.method == "moe-adapters":
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
-        if dist_on():  # rank 0's random state everywhere, the one the checkpoint keeps (exact resume)
-            set_rng_states(broadcast(rng_states()))
         if main_rank:
             save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
             write_metrics(out, state, T, bench.kind)
@@ -1986,9 +1988,7 @@ def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
 def set_experts(model: nn.Module, cfg: Config, experts: int, impl: str) -> None:
     """Give every block a fresh MoEAdapter of `experts` experts (random non-zero up-projections)."""
     for b in (m for m in model.modules() if isinstance(m, MoEBlock)):
-        d = b.ln_1.weight.shape[0]
-        b.moe = MoEAdapter(d, experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
-                           cfg.adapter_dropout, impl, freeze_top=cfg.freeze_top).to(b.ln_1.weight.device)
+        b.moe = new_adapter(cfg, b.ln_1.weight.shape[0], impl, experts).to(b.ln_1.weight.device)
         nn.init.normal_(b.moe.w_up, std=0.02)
 
 
