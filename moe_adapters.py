@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -98,12 +100,15 @@ class Config:
     ddas_quantile: float = 0.9         # auto: tau_k = this quantile of autoencoder k's errors on its own task
     ddas_per_batch: bool = False       # quirk Q12: one decision per test batch from its mean error, as the authors
     ddas_all_autoencoders: bool = False  # quirk Q13: let untrained autoencoders of future tasks compete, as the authors
+    ddas_reference: bool = False       # the authors' reference autoencoder (TinyImageNet) stands for the untouched CLIP
     ddas_iters: int = 300              # autoencoder training iterations per task (spec 4.2)
-    ddas_lr: float = 0.01              # autoencoder Adam learning rate (spec 4.2, full-shot)
+    ddas_reference_iters: int = 1000   # the reference autoencoder's training iterations (spec 4.2)
+    ddas_lr: float = 0.01              # autoencoder Adam learning rate (spec 4.2: 0.01 full-shot, 0.003 with --shots)
+    ddas_step_lr: bool = True          # quirk Q15: lr x 0.1 every 10 'epochs' of the task's full loader, as the authors
     ddas_hidden: int = 100             # autoencoder hidden width
     # data
-    data_root: str = "./data"          # folder holding cifar-100-python/ or tiny-imagenet-200/
-    download: bool = False             # let torchvision download CIFAR-100 (needs internet)
+    data_root: str = "./data"          # folder holding the data sets as torchvision lays them out (README: MTIL data)
+    download: bool = False             # let torchvision download the data sets it can (needs internet; see README)
     prompt: str = "a bad photo of a {}."  # train and test prompt template (spec 5.1)
     clean_names: bool = False          # quirk Q3: replace "_" by " " in class names (the authors keep "maple_tree")
     eval_train_transform: bool = False  # quirk Q2: evaluate with the random-crop train transform, as the authors' CIL code
@@ -148,7 +153,7 @@ PRESETS = {
     # MTIL full-shot (spec 5.2); the per-data-set learning rates arrive with the 11 data sets (not yet here)
     "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0,
                  warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2,
-                 dataset_lr=True),
+                 dataset_lr=True, seed=42),  # the authors' MTIL seed (spec 0)
 }
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
     "cifar100": dict(preset="cil", tasks=10),
@@ -217,9 +222,13 @@ def resolve_config(args: dict) -> Config:
     values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
     if preset == "mtil" and given.get("shots"):
         values["iterations"] = 500  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500)
+    if given.get("shots"):
+        values["ddas_lr"] = 0.003   # the authors' few-shot autoencoders (spec 4.2)
     if "lr" in given and "dataset_lr" not in given:
         values["dataset_lr"] = False  # an explicit --lr wins over the per-data-set rates
     values.update(given)
+    for name in ("output_dir", "clip_cache", "clip_weights", "ddas_weights", "data_root"):
+        values[name] = os.path.expanduser(values[name])  # "~/runs" means the home folder for every path flag
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -290,10 +299,10 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"--ddas-threshold takes a positive number or 'auto', got {cfg.ddas_threshold!r}")
     if not 0 < cfg.ddas_quantile <= 1:
         raise UsageError(f"--ddas-quantile must be in (0, 1], got {cfg.ddas_quantile}")
-    if cfg.ddas_iters <= 0 or cfg.ddas_hidden <= 0 or cfg.ddas_lr <= 0:
-        raise UsageError("--ddas-iters, --ddas-hidden and --ddas-lr must be positive")
-    if cfg.ddas_weights not in ("", "random") and not os.path.isfile(cfg.ddas_weights):
-        raise UsageError(f"--ddas-weights {cfg.ddas_weights}: no such file; pass an AlexNet state dict or 'random'")
+    if min(cfg.ddas_iters, cfg.ddas_reference_iters, cfg.ddas_hidden, cfg.ddas_lr) <= 0:
+        raise UsageError("--ddas-iters, --ddas-reference-iters, --ddas-hidden and --ddas-lr must be positive")
+    if cfg.ddas_reference and not cfg.ddas:
+        raise UsageError("--ddas-reference is a DDAS option: add --ddas (e.g. --preset full or mtil)")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -800,13 +809,17 @@ class TaskSelector(nn.Module):
         super().__init__()
         self.cfg, self.kind = cfg, cfg.ddas_features
         self.extractor = [build_alexnet_conv5(cfg)] if self.kind == "alexnet" else []  # frozen, not saved
-        dim = self.features_dim(model)
+        dim, slots = self.features_dim(model), n_tasks + int(cfg.ddas_reference)  # slot n_tasks: the reference
         self.autoencoders = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, cfg.ddas_hidden), nn.ReLU(), nn.Linear(cfg.ddas_hidden, dim), nn.Sigmoid())
-            for _ in range(n_tasks))
-        self.register_buffer("trained", torch.zeros(n_tasks, dtype=torch.bool))
-        self.register_buffer("tau", torch.full((n_tasks,), float("inf")))  # per-task thresholds ("auto")
+            for _ in range(slots))
+        self.register_buffer("trained", torch.zeros(slots, dtype=torch.bool))
+        self.register_buffer("tau", torch.full((slots,), float("inf")))  # per-slot thresholds ("auto")
         self.clip = [model]  # kept out of this module's parameters and state_dict
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.trained) - int(self.cfg.ddas_reference)
 
     @torch.no_grad()
     def features_dim(self, model) -> int:
@@ -827,7 +840,8 @@ class TaskSelector(nn.Module):
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Route of every image: the task whose autoencoder wins, -1 (untouched CLIP) if its error exceeds
-        the threshold. Numeric tau: argmin_k e_k, CLIP if e_k* > tau. auto: argmin_k e_k / tau_k, CLIP if > 1."""
+        the threshold or the reference autoencoder wins. Numeric tau: argmin_k e_k, CLIP if e_k* > tau.
+        auto: argmin_k e_k / tau_k, CLIP if > 1."""
         err = self.errors(self.features(x))                              # [N, T]
         if self.cfg.ddas_per_batch:  # quirk Q12: one decision for the whole batch, from its mean error
             err = err.mean(0, keepdim=True).expand_as(err)
@@ -839,7 +853,13 @@ class TaskSelector(nn.Module):
         if not self.cfg.ddas_all_autoencoders:  # quirk Q13 fixed: untrained autoencoders do not compete
             err = err.masked_fill(~self.trained, float("inf"))
         best, task = err.min(1)
-        return torch.where(best > tau, torch.full_like(task, -1), task)
+        return torch.where((best > tau) | (task >= self.n_tasks), torch.full_like(task, -1), task)
+
+
+def forever(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
 
 
 def reconstruction_error(ae: nn.Module, f: torch.Tensor) -> torch.Tensor:
@@ -870,37 +890,36 @@ def build_alexnet_conv5(cfg: Config) -> nn.Module:
     return extractor
 
 
-def fit_selector(selector: TaskSelector, cfg: Config, loader, task: int, device, batch: int = 64) -> float:
-    """Train autoencoder `task` on the task's training images (spec 4.2: Adam, weight decay 1e-4,
-    constant lr (quirk Q15), iterations + 1 steps of batch 64), then calibrate its threshold tau_task:
-    the --ddas-quantile quantile of its errors on those images. Features are extracted in one pass over the
-    (augmented) training images, as many as the iterations use, and reused (augmentation frozen)."""
-    feats, have, need = [], 0, (cfg.ddas_iters + 1) * batch
-    with torch.no_grad():
-        for x, _ in loader:
-            f = selector.features(x.to(device))
-            feats.append(f.half() if selector.kind == "alexnet" else f)  # 43,264 values per image: halve memory
-            have += len(f)
-            if have >= need:
-                break
-    feats = torch.cat(feats)
-    ae = selector.autoencoders[task].train()
+def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device, iters: int | None = None,
+                 epoch_batches: int | None = None) -> float:
+    """Train autoencoder `slot` on its images as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1
+    steps of the loader's augmented batches of 64, features extracted as they come; lr = ddas_lr 0.1^(e // 10)
+    with e = step // epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15;
+    --no-ddas-step-lr: constant). Then its threshold tau_slot: the --ddas-quantile quantile of its errors on
+    (up to 4,096 of) its images. Defaults: --ddas-iters steps, and the loader's own batches for an epoch."""
+    iters, epoch_batches = iters or cfg.ddas_iters, epoch_batches or len(loader)
+    ae = selector.autoencoders[slot].train()
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
-    order = torch.randperm(len(feats), device=device)
-    for it in progress(range(cfg.ddas_iters + 1), f"DDAS autoencoder {task + 1}"):
-        start = (it * batch) % len(feats)
-        if start + batch > len(feats) and it > 0:  # next epoch of the cached features
-            order, start = torch.randperm(len(feats), device=device), 0
-        f = feats[order[start:start + batch]].float()
+    batches = forever(loader)
+    name = "reference autoencoder" if slot >= selector.n_tasks else f"DDAS autoencoder {slot + 1}"
+    for step in progress(range(iters + 1), name):
+        if cfg.ddas_step_lr:
+            for g in opt.param_groups:
+                g["lr"] = cfg.ddas_lr * 0.1 ** (step // epoch_batches // 10)
+        f = selector.features(next(batches)[0].to(device))
         loss = F.mse_loss(ae(f), f)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     ae.eval()
     with torch.no_grad():
-        errs = torch.cat([reconstruction_error(ae, f.float()) for f in feats.split(1024)])
-        selector.tau[task] = torch.quantile(errs, cfg.ddas_quantile)
-        selector.trained[task] = True
+        errs = []
+        for x, _ in loader:
+            errs.append(reconstruction_error(ae, selector.features(x.to(device))))
+            if sum(map(len, errs)) >= 4096:
+                break
+        selector.tau[slot] = torch.quantile(torch.cat(errs), cfg.ddas_quantile)
+        selector.trained[slot] = True
     return loss.item()
 
 
@@ -999,6 +1018,15 @@ class Benchmark:
     templates: list = None     # per task, its prompt templates (training uses the first; evaluation averages all)
     task_names: list = None    # per task, e.g. the data set's name
     lrs: list = None           # per task, its own learning rate (MTIL, spec 5.2), used with --dataset-lr
+    full_train: list = None    # per task, its training images before --shots (DDAS's lr schedule counts their batches)
+    reference: torch.utils.data.Dataset = None  # --ddas-reference: the reference autoencoder's images
+    reference_full: int = 0    # and how many there are before --shots
+
+    def epoch_batches(self, task: int, batch: int = 64) -> int:
+        """Batches of 64 in one epoch of the task's full training loader (task -1: the reference's images)."""
+        n = self.reference_full if task < 0 else self.full_train[task] if self.full_train else \
+            len(self.subset("train", task))
+        return max(1, math.ceil(n / batch))
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
         labels = self.train_labels if split == "train" else self.test_labels
@@ -1087,18 +1115,23 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
         return self.transform(self.loader(path)), y
 
 
-def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
+def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
     base = os.path.join(os.path.expanduser(cfg.data_root), "tiny-imagenet-200")
-    train_tf, test_tf = transforms(resolution)
     try:
-        train = TinyImageNetFolder(base, "train", train_tf)
-        test = TinyImageNetFolder(base, "val", train_tf if cfg.eval_train_transform else test_tf)
+        ds = TinyImageNetFolder(base, split, transform)
     except (OSError, KeyError, IndexError) as e:
         raise UsageError(f"TinyImageNet not found (or incomplete) in {base} ({type(e).__name__}: {e}): unpack "
                          f"tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip into "
                          f"{os.path.dirname(base)}") from None
-    if sorted(train.wnids) != sorted(TINYIMAGENET_NAMES):
+    if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
         raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
+    return ds
+
+
+def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
+    train_tf, test_tf = transforms(resolution)
+    train = tiny_imagenet(cfg, "train", train_tf)
+    test = tiny_imagenet(cfg, "val", train_tf if cfg.eval_train_transform else test_tf)
     position = np.argsort(TINYIMAGENET_ORDER)
     names = [list(TINYIMAGENET_NAMES.values())[c] for c in TINYIMAGENET_ORDER]
     return Benchmark(names, even_splits(200, cfg.tasks, base=100), Relabeled(train, position),
@@ -1178,9 +1211,52 @@ MTIL_ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers
 MTIL_ORDER_II = [MTIL_ORDER_I[i] for i in (9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2)]  # ZSCL's permutation (spec 5.2)
 MTIL_LR = dict(zip(MTIL_ORDER_I, (5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3)))  # spec 5.2
 MTIL_LR_FEW_SHOT = dict(zip(MTIL_ORDER_I, (8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 1e-4, 1e-2, 1e-2, 1e-2)))
-MTIL_FOLDERS = {"Aircraft": "fgvc-aircraft-2013b", "Caltech101": "caltech101", "CIFAR100": "cifar-100-python",
-                "DTD": "dtd", "EuroSAT": "eurosat", "Flowers": "flowers-102", "Food": "food-101", "MNIST": "MNIST",
-                "OxfordPet": "oxford-iiit-pet", "StanfordCars": "stanford_cars", "SUN397": "SUN397"}
+# What each data set's reader opens under --data-root (torchvision's layouts; TinyImageNet: the archive as
+# unpacked): (folder, the files and folders in it). A run checks them all before any work.
+DATA_FILES = {
+    "Aircraft": ("fgvc-aircraft-2013b/data", "variants.txt images_variant_train.txt images_variant_test.txt images"),
+    "Caltech101": ("caltech101", "101_ObjectCategories"),
+    "CIFAR100": ("cifar-100-python", "train test meta"),
+    "DTD": ("dtd/dtd", "labels/train1.txt labels/test1.txt images"),
+    "EuroSAT": ("eurosat", "2750"),
+    "Flowers": ("flowers-102", "jpg imagelabels.mat setid.mat"),
+    "Food": ("food-101", "meta/train.json meta/test.json images"),
+    "MNIST": ("MNIST/raw", "train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte "
+                           "t10k-labels-idx1-ubyte"),
+    "OxfordPet": ("oxford-iiit-pet", "annotations/trainval.txt annotations/test.txt images"),
+    "StanfordCars": ("stanford_cars", "devkit/cars_meta.mat devkit/cars_train_annos.mat cars_train "
+                                      "cars_test_annos_withlabels.mat cars_test"),
+    "SUN397": ("SUN397", "ClassName.txt"),
+    "TinyImageNet": ("tiny-imagenet-200", "wnids.txt train val/val_annotations.txt val/images"),
+}
+MTIL_FOLDERS = {name: DATA_FILES[name][0].split("/")[0] for name in MTIL_ORDER_I}  # each data set's own folder
+BY_HAND = {  # what --download cannot fetch
+    "StanfordCars": "torchvision can no longer download it: place it there by hand (README, MTIL data)",
+    "TinyImageNet": "unpack http://cs231n.stanford.edu/tiny-imagenet-200.zip into --data-root",
+}
+
+
+def datasets_needed(cfg: Config) -> list:
+    need = {"cifar100": ["CIFAR100"], "tinyimagenet": ["TinyImageNet"],
+            "mtil": MTIL_ORDER_I if cfg.order == "I" else MTIL_ORDER_II}.get(cfg.dataset, [])
+    if cfg.ddas and cfg.ddas_reference and not cfg.dataset.startswith("synthetic"):
+        need = sorted(set(need) | {"TinyImageNet"}, key=list(DATA_FILES).index)  # the reference autoencoder's
+    return need
+
+
+def missing_data(cfg: Config) -> list:
+    """One line per data set the run needs that is not on disk and will not be downloaded, with its fix."""
+    root, problems = os.path.expanduser(cfg.data_root), []
+    for name in datasets_needed(cfg):
+        folder, files = DATA_FILES[name]
+        absent = [f for f in files.split() if not os.path.exists(os.path.join(root, folder, f))]
+        if absent and not (cfg.download and name not in BY_HAND):
+            fix = BY_HAND.get(name, "add --download (needs internet), or place it there as torchvision lays it out")
+            problems.append(f"{name}: {os.path.join(root, folder)} lacks {', '.join(absent)} ({fix})")
+    needs_scipy = {"Caltech101", "Flowers", "StanfordCars"} & set(datasets_needed(cfg))
+    if needs_scipy and importlib.util.find_spec("scipy") is None:
+        problems.append(f"torchvision reads {', '.join(sorted(needs_scipy))} with scipy: pip install scipy")
+    return problems
 
 
 def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
@@ -1188,9 +1264,10 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
     import torchvision.datasets as D
     full = lambda ds: (ds, [c.replace("_", " ") for c in getattr(ds, "classes", None) or ds.categories])
     if name in ("Caltech101", "EuroSAT", "SUN397"):  # one folder, split 80/20 with seed 42
-        make = {"Caltech101": lambda: D.Caltech101(root, download=download),
-                "EuroSAT": lambda: D.EuroSAT(root, download=download), "SUN397": lambda: D.SUN397(root, download=download)}
-        ds, names = full(make[name]())
+        ds, names = full(getattr(D, name)(root, download=download))
+        if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
+            ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels),
+                                                                key=lambda item: str(item[0]))))
         n_train = int(0.8 * len(ds))
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
         names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name, names)
@@ -1205,7 +1282,8 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
              "MNIST": lambda s, tf: D.MNIST(root, train=s == "train", transform=tf, download=download),
              "OxfordPet": lambda s, tf: D.OxfordIIITPet(root, split="trainval" if s == "train" else "test",
                                                         transform=tf, download=download),
-             "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=download)}[name]
+             # torchvision's StanfordCars refuses download=True whatever is on disk (its URL is gone)
+             "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=False)}[name]
     train, names = full(split("train", train_tf))
     names = FLOWERS102_NAMES if name == "Flowers" else names
     if name == "MNIST":
@@ -1239,29 +1317,29 @@ def labels_of(ds) -> list:
 
 def load_mtil(cfg: Config, resolution: int) -> Benchmark:
     """The 11 data sets in --order, one task each, concatenated into one label space (data set k owns a
-    contiguous label range), each classified among its own classes. Every missing folder is named at once."""
+    contiguous label range), each classified among its own classes. What fails is named per data set, at once."""
     train_tf, test_tf = transforms(resolution)
     root = os.path.expanduser(cfg.data_root)
     order = MTIL_ORDER_I if cfg.order == "I" else MTIL_ORDER_II
-    parts, missing = [], []
+    parts, problems = [], []
     for name in order:
         try:
             parts.append(mtil_dataset(name, root, cfg.download, train_tf, test_tf))
-        except Exception:  # RuntimeError "not found", or a failed download
-            missing.append(os.path.join(root, MTIL_FOLDERS[name]))
-    if missing:
-        raise UsageError(f"MTIL data missing or incomplete: {', '.join(missing)}: add --download (torchvision "
-                         f"fetches most of them) or place each data set there as torchvision expects it")
-    names, splits, train, test, ytr, yte = [], [], [], [], [], []
+        except Exception as e:  # the real reason: a corrupt or foreign file, a failed download, a permission
+            problems.append(f"{name} in {os.path.join(root, DATA_FILES[name][0])}: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    names, splits, train, test, ytr, yte, full = [], [], [], [], [], [], []
     for tr, te, cls in parts:
         lo = len(names)
         names += cls
         splits.append((lo, len(names)))
         position = np.arange(len(cls)) + lo
         tr_labels = np.asarray(labels_of(tr))
-        if cfg.shots:  # the first --shots images of each class in a seeded permutation (quirk Q18, fixed)
-            perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-            keep = [i for c in range(len(cls)) for i in perm[tr_labels[perm] == c][:cfg.shots]]
+        full.append(len(tr))
+        if cfg.shots:
+            keep = first_shots(tr_labels, cfg.shots, cfg.seed)
             tr, tr_labels = torch.utils.data.Subset(tr, keep), tr_labels[keep]
         train.append(Relabeled(tr, position))
         test.append(Relabeled(te, position))
@@ -1270,7 +1348,13 @@ def load_mtil(cfg: Config, resolution: int) -> Benchmark:
     cat = torch.utils.data.ConcatDataset
     return Benchmark(names, splits, cat(train), cat(test), np.concatenate(ytr), np.concatenate(yte), kind="mtil",
                      templates=[MTIL_TEMPLATES[n].split("; ") for n in order], task_names=list(order),
-                     lrs=[(MTIL_LR_FEW_SHOT if cfg.shots else MTIL_LR)[n] for n in order])
+                     lrs=[(MTIL_LR_FEW_SHOT if cfg.shots else MTIL_LR)[n] for n in order], full_train=full)
+
+
+def first_shots(labels: np.ndarray, shots: int, seed: int) -> list:
+    """Indices of the first `shots` images of each class in a seeded permutation (quirk Q18, fixed)."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
+    return [int(i) for c in np.unique(labels) for i in perm[labels[perm] == c][:shots]]
 
 
 # -- the synthetic world -------------------------------------------------------------------------
@@ -1408,6 +1492,63 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
     return state
 
 
+def missing_weights(cfg: Config, fetch: bool) -> list:
+    """The CLIP and DDAS AlexNet weights the run needs and does not have, one line each with its fix. With fetch,
+    a missing download is tried first (and a folder it made is removed again if it fails)."""
+    problems, wanted = [], []
+    for flag, path, what in (("--clip-weights", cfg.clip_weights, "an OpenAI CLIP checkpoint"),
+                             ("--ddas-weights", cfg.ddas_weights if cfg.ddas and cfg.ddas_features == "alexnet"
+                              else "", "an AlexNet state dict")):
+        if path not in ("", "random") and not os.path.isfile(path):
+            problems.append(f"{flag} {path}: no such file (pass {what} or 'random')")
+    if cfg.clip_model != "tiny" and not cfg.clip_weights:
+        url = clip.clip._MODELS[cfg.clip_model]
+        cache = os.path.expanduser(cfg.clip_cache)
+        wanted.append((f"the {cfg.clip_model} weights", url, cache, "or pass --clip-weights PATH",
+                       lambda: clip.clip._download(url, cache)))
+    if cfg.ddas and cfg.ddas_features == "alexnet" and not cfg.ddas_weights:
+        import torchvision
+        url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
+        wanted.append(("DDAS's AlexNet weights", url, os.path.join(torch.hub.get_dir(), "checkpoints"),
+                       "or pass --ddas-weights PATH, or --ddas-features clip",
+                       lambda: torch.hub.load_state_dict_from_url(url, map_location="cpu")))
+    for what, url, folder, alternative, download in wanted:
+        if os.path.isfile(os.path.join(folder, os.path.basename(url))):
+            continue
+        if fetch:
+            made, parent = [], os.path.abspath(folder)
+            while not os.path.exists(parent):
+                made, parent = made + [parent], os.path.dirname(parent)
+            try:
+                download()
+                continue
+            except Exception as e:  # offline: URLError; a bad checksum: RuntimeError
+                reason = f"the download failed ({type(e).__name__})"
+                for d in made:  # deepest first
+                    if os.path.isdir(d) and not os.listdir(d):
+                        os.rmdir(d)
+        else:
+            reason = "they download on first use, with internet"
+        problems.append(f"{what} are not in {folder} ({reason}): fetch {url} into it {alternative}")
+    return problems
+
+
+def preflight(cfg: Config) -> Benchmark:
+    """Everything a run needs from disk or the network, before any work: the data sets (loaded here, and
+    downloaded with --download), the CLIP weights and DDAS's AlexNet weights. Every missing item is named in
+    one error, each with its fix; downloads are tried only when nothing else is missing."""
+    problems, bench = missing_data(cfg), None
+    if not problems:
+        try:
+            bench = load_benchmark(cfg, ARCHS[cfg.clip_model][1])
+        except UsageError as e:
+            problems.append(str(e))
+    problems += missing_weights(cfg, fetch=not problems)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return bench
+
+
 def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
     bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "mtil": load_mtil,
              "synthetic": lambda c, r: load_synthetic(c),
@@ -1416,7 +1557,25 @@ def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
         bench.templates = [[cfg.prompt]] * len(bench.splits)
     if cfg.clean_names:  # quirk Q3 fixed on request: "maple_tree" -> "maple tree"
         bench.class_names = [n.replace("_", " ") for n in bench.class_names]
+    if cfg.ddas and cfg.ddas_reference:
+        bench.reference, bench.reference_full = reference_images(cfg, resolution)
     return bench
+
+
+def reference_images(cfg: Config, resolution: int):
+    """The reference autoencoder's images (spec 4.2), as (data set, its size before --shots): TinyImageNet's
+    training images (the authors'), or in the synthetic world the tiny CLIP's pretraining classes, which stand
+    for what CLIP already knows. With --shots, the first `shots` of each class as for the tasks."""
+    if cfg.dataset.startswith("synthetic"):
+        pairs = torch.tensor(SYNTHETIC_PRETRAIN_CLASSES).repeat_interleave(SYN_TRAIN_PER_CLASS, 0)
+        ds = torch.utils.data.TensorDataset(render_shapes(pairs, torch.Generator().manual_seed(99)),
+                                            torch.arange(len(SYNTHETIC_PRETRAIN_CLASSES)).repeat_interleave(
+                                                SYN_TRAIN_PER_CLASS))
+        labels = ds.tensors[1].numpy()
+    else:
+        ds = tiny_imagenet(cfg, "train", transforms(resolution)[0])
+        labels = np.asarray(ds.targets)
+    return (torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds), len(ds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1608,16 +1767,23 @@ def routing_note(cfg: Config) -> str:
     return "one shared router, no task id"
 
 
+@functools.lru_cache(maxsize=64)
+def prompt_tokens(prompts: tuple) -> list:
+    """The prompts tokenized in chunks of 256, once per run: the BPE tokenizer is slower than the tiny text tower."""
+    return [tokenize(list(prompts[i:i + 256]), "cpu") for i in range(0, len(prompts), 256)]
+
+
 @torch.no_grad()
-def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Config) -> torch.Tensor:
-    """L2-normalised text embeddings [C, D] of every class, computed once per (router, class set). A
+def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Config, tasks=None) -> torch.Tensor:
+    """L2-normalised text embeddings [C, D] of the classes of `tasks` (default: every task), in class order. A
     class with several templates gets the renormalised mean of its normalised prompt embeddings (spec 9.3)."""
     out = []
-    for (lo, hi), templates in zip(bench.splits, bench.templates):
-        prompts = [tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates]
+    for task in range(len(bench.splits)) if tasks is None else tasks:
+        (lo, hi), templates = bench.splits[task], bench.templates[task]
+        prompts = tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)
         emb = []
-        for i in range(0, len(prompts), 256):
-            tokens = tokenize(prompts[i:i + 256], device)
+        for tokens in prompt_tokens(prompts):
+            tokens = tokens.to(device)
             r = None if route is None else torch.full((len(tokens),), route, device=device)
             with autocast_for(cfg, device):
                 emb.append(F.normalize(encode_texts(model, tokens, r).float(), dim=-1))
@@ -1629,37 +1795,49 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
 
 
 @torch.no_grad()
-def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for, lo: int, hi: int) -> torch.Tensor:
-    """Logits of images x over classes lo..hi-1; image i goes through router r[i] (-1 or r None: the
+def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for) -> torch.Tensor:
+    """Logits of images x over the candidate classes; image i goes through router r[i] (-1 or r None: the
     untouched CLIP) and is compared with the class embeddings text_for(route) made with the same router."""
     with autocast_for(cfg, x.device):
         img = F.normalize(encode_images(model, x, r).float(), dim=-1)
     if r is None:
-        return img @ text_for(None)[lo:hi].T
-    logits = torch.empty(len(x), hi - lo, device=x.device)
+        return img @ text_for(None).T
+    logits = None
     for q in r.unique().tolist():
         m = r == q
-        logits[m] = img[m] @ text_for(q if q >= 0 else None)[lo:hi].T
+        part = img[m] @ text_for(q if q >= 0 else None).T
+        logits = part.new_empty(len(x), part.shape[1]) if logits is None else logits
+        logits[m] = part
     return logits
 
 
 @torch.no_grad()
-def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None):
+def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None,
+             stats: dict | None = None, clip_text: dict | None = None):
     """Row t of the accuracy matrix (percent), the number of test images of each task, and where the
     test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...].
-    Class-incremental: among all classes seen so far; MTIL: among the task's own classes."""
+    Class-incremental: among all classes seen so far; MTIL: among the task's own classes. A (router, task)
+    pair's class prompts are encoded when an image first needs them, once per evaluation; the untouched
+    CLIP's never change and are kept in `clip_text` (task -> embeddings) across evaluations and in the
+    checkpoint. `stats` counts the images and the prompts of the run."""
     model.eval()
-    text = {}  # router (None = untouched CLIP) -> class embeddings of every class, once per evaluation
+    text = {}  # router (None: the untouched CLIP) -> task -> class embeddings of that task's classes
+    stats = {"eval_images": 0, "eval_prompts": 0} if stats is None else stats
 
-    def text_for(route):
-        if route not in text:
-            text[route] = class_embeddings(model, bench, route, device, cfg)
-        return text[route]
+    def text_for(route, tasks):
+        store = text.setdefault(route, clip_text if route is None and clip_text is not None else {})
+        for task in tasks:
+            if task not in store:
+                store[task] = class_embeddings(model, bench, route, device, cfg, [task])
+                lo, hi = bench.splits[task]
+                stats["eval_prompts"] += (hi - lo) * len(bench.templates[task])
+        return torch.cat([store[task] for task in tasks])
 
     T = len(bench.splits)
     accs, counts, sent = [], [], []
     for j in range(T):
-        lo, hi = bench.splits[j] if bench.kind == "mtil" else (0, bench.splits[max(t, j)][1])  # possible answers
+        tasks = [j] if bench.kind == "mtil" else range(max(t, j) + 1)  # whose classes are the possible answers
+        lo = bench.splits[tasks[0]][0]
         images = bench.subset("test", j)  # under torchrun each rank takes every world()-th image; sums below
         images = torch.utils.data.Subset(images, range(rank(), len(images), world())) if world() > 1 else images
         loader = torch.utils.data.DataLoader(images, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
@@ -1673,7 +1851,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
             else:
                 fixed = eval_route(cfg, j, t)
                 r = None if fixed is None else torch.full((len(x),), fixed, device=device)
-            logits = classify(model, cfg, x, r, text_for, lo, hi)
+            logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
             if r is None:
                 where[0] += len(x)
             else:
@@ -1681,6 +1859,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
             correct += (logits.argmax(1) + lo == y).sum()
             n += len(y)
         all_sum(tally)
+        stats["eval_images"] += n.item()
         accs.append(100.0 * correct.item() / max(n.item(), 1))
         counts.append(n.item())
         sent.append(where.tolist())
@@ -1739,8 +1918,8 @@ def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> Non
     """metrics.jsonl (one row per task, then the summary when the run is complete) and
     accuracy_matrix.csv, rewritten whole from the saved state each time."""
     rows = [json.dumps(r) for r in state["rows"]]
-    if len(state["rows"]) == n_tasks:
-        rows.append(json.dumps(summary_of(state, kind)))
+    if len(state["rows"]) == n_tasks:  # the summary, and the evaluation work of the whole run
+        rows.append(json.dumps(summary_of(state, kind) | state.get("stats", {})))
     atomic_write(os.path.join(out, "metrics.jsonl"), "\n".join(rows) + "\n")
     header = "after_task," + ",".join(f"task_{j}" for j in range(n_tasks))
     lines = [f"{i}," + ",".join(f"{a:.4f}" for a in row) for i, row in enumerate(state["matrix"])]
@@ -1785,7 +1964,8 @@ def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict
     trainable = {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {}
     ckpt = {"format": CHECKPOINT_FORMAT, "config": run_identity(cfg), "next_task": len(state["rows"]),
             "trainable": trainable, "ddas": selector.state_dict() if selector is not None else {},
-            "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "rng": rng_states()}
+            "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "stats": state["stats"],
+            "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()}, "rng": rng_states()}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint.pt
 
@@ -1874,12 +2054,23 @@ def dry_run(cfg: Config) -> dict:
         g = ((res + 4 - 11) // 4 + 1 - 3) // 2 + 1                       # AlexNet conv1 (k11 s4 p2), max-pool 3/2
         g = (g - 3) // 2 + 1                                             # conv2 keeps the size, max-pool 3/2
         dim = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]
-        table["ddas_autoencoders"] = n_tasks_total(cfg) * (2 * dim * cfg.ddas_hidden + cfg.ddas_hidden + dim)
+        slots = n_tasks_total(cfg) + int(cfg.ddas_reference)
+        table["ddas_autoencoders"] = slots * (2 * dim * cfg.ddas_hidden + cfg.ddas_hidden + dim)
     print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
           f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
     for k, v in table.items():
         print(f"  {k:<28}{v:>14,}")
     return dict(table, config=dataclasses.asdict(cfg))
+
+
+def fit_on_rank_zero(selector: TaskSelector, cfg: Config, images, slot: int, device, iters: int,
+                     epoch_batches: int) -> None:
+    """Rank 0 fits autoencoder `slot` on the images (shuffled batches of 64, spec 4.2); every rank gets its
+    weights and threshold."""
+    if rank() == 0:
+        loader = torch.utils.data.DataLoader(images, batch_size=64, shuffle=True, num_workers=cfg.workers)
+        fit_selector(selector, cfg, loader, slot, device, iters, epoch_batches)
+    selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
 
 
 def run(cfg: Config) -> dict:
@@ -1894,21 +2085,27 @@ def run(cfg: Config) -> dict:
     if cfg.resume or cfg.output_dir:
         prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
     with rank_zero_first():
+        bench = preflight(cfg)  # every missing data set or weights file named at once, before any work
         model = load_clip(cfg)
+        if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
+            raise UsageError(f"--clip-weights {cfg.clip_weights} is a {model.visual.input_resolution}-pixel CLIP, "
+                             f"not {cfg.clip_model}: pass its --clip-model")
         if cfg.method != "zeroshot":
             add_moe_adapters(model, cfg)
         model.to(device)
-        bench = load_benchmark(cfg, model.visual.input_resolution)
         selector = TaskSelector(cfg, model, len(bench.splits)).to(device) if cfg.ddas else None
     T = len(bench.splits)
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic") and main_rank:
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
     out = prepare_output_dir(cfg)
-    state, ckpt_path = {"matrix": [], "counts": [], "rows": []}, os.path.join(out, "checkpoint.pt")
+    # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
+    state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
+    ckpt_path = os.path.join(out, "checkpoint.pt")
     if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
         ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
-        state = {k: ckpt[k] for k in ("matrix", "counts", "rows")}
+        state = {k: ckpt[k] for k in ("matrix", "counts", "rows", "stats", "clip_text")}
+        state["clip_text"] = {k: v.to(device) for k, v in state["clip_text"].items()}
         model.to(device)
         if main_rank:
             write_metrics(out, state, T, bench.kind)
@@ -1919,17 +2116,18 @@ def run(cfg: Config) -> dict:
     if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                   forward_sync_buffers=False)  # usage counts stay per rank until summed
+    if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
+        fit_on_rank_zero(selector, cfg, bench.reference, T, device, cfg.ddas_reference_iters,
+                         bench.epoch_batches(-1))
     for t in range(len(state["rows"]), T):
         if dist_on():  # each rank its own router noise and dropout, a function of (seed, task, rank) that resume repeats
             torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device, net)
         if selector is not None:
-            if main_rank:  # rank 0 fits the autoencoder; every rank gets its weights and threshold
-                fit_selector(selector, cfg, torch.utils.data.DataLoader(
-                    bench.subset("train", t), batch_size=64, shuffle=True, num_workers=cfg.workers), t, device)
-            selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
-        accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector)
+            fit_on_rank_zero(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters, bench.epoch_batches(t))
+        accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector, state["stats"],
+                                               state["clip_text"])
         state["matrix"].append(accs)
         lo, hi = bench.splits[t]
         row = continual_metrics(state["matrix"], state["counts"], t)
@@ -2037,7 +2235,7 @@ def bench_run(cfg: Config, device: torch.device) -> dict:
         selector.trained.fill_(True)
         text = {q: F.normalize(encode_texts(model, tokens, None if q is None else zeros(C) + q).float(), dim=-1)
                 for q in [None] + list(range(selector.tau.numel()))}
-    ms["ddas_eval_batch"] = timed(lambda: classify(model, cfg, images, selector.select(images), text.get, 0, C), device)
+    ms["ddas_eval_batch"] = timed(lambda: classify(model, cfg, images, selector.select(images), text.get), device)
     # one training step (forward, backward, AdamW, restore of the fixed rows) with 22 and with 2 experts:
     # two adapter sets swapped into the blocks in turn, so that drift in the machine's speed hits both alike
     blocks, setups = [m for m in model.modules() if isinstance(m, MoEBlock)], {}

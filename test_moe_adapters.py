@@ -7,6 +7,7 @@ into a temporary --clip-cache), the synthetic world (shrunk for speed where the 
 CIFAR-100 / Tiny-ImageNet folders written in torchvision's on-disk layout.
 """
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -661,7 +662,7 @@ def test_cifar100_run_on_fake_data_writes_ten_tasks_in_spec_order(fake_cifar, tm
                       "--data-root", root, "--output-dir", str(out), "--batch-size", "8", "--workers", "0"])
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 11
-    assert set(rows[-1]) == {"last", "avg"}
+    assert set(rows[-1]) == {"last", "avg", "eval_images", "eval_prompts"}
     assert rows[-1]["last"] == pytest.approx(rows[9]["acc"]) and rows[-1]["avg"] == pytest.approx(rows[9]["avg_acc"])
     assert summary["last"] == pytest.approx(rows[-1]["last"]) and summary["avg"] == pytest.approx(rows[-1]["avg"])
     assert rows[0]["classes"] == ["television", "apple", "oak_tree", "pickup_truck", "lizard", "trout", "road",
@@ -774,7 +775,7 @@ def test_demo_prints_table_matching_each_methods_metrics(demo_run):
     assert set(table) == {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"}, proc.stdout
     for label, vals in table.items():
         rows = read_jsonl(out / "synthetic" / label.replace(" ", "-") / "metrics.jsonl")
-        assert len(rows) == 5 and set(rows[-1]) == {"last", "avg"}, label
+        assert len(rows) == 5 and set(rows[-1]) == {"last", "avg", "eval_images", "eval_prompts"}, label
         assert abs(vals["avg"] - rows[-1]["avg"]) <= 0.01 and abs(vals["last"] - rows[-1]["last"]) <= 0.01, label
         assert abs(vals["forgetting"] - rows[-2]["forgetting"]) <= 0.01, label
         assert 0 <= vals["last"] <= 100 and 0 <= vals["avg"] <= 100
@@ -782,7 +783,7 @@ def test_demo_prints_table_matching_each_methods_metrics(demo_run):
     assert set(mtil) == {"zeroshot", "finetune", "moe-adapters"}, proc.stdout
     for label, vals in mtil.items():
         rows = read_jsonl(out / "synthetic-mtil" / label / "metrics.jsonl")
-        assert set(rows[-1]) == {"transfer", "avg", "last"}, label
+        assert set(rows[-1]) == {"transfer", "avg", "last", "eval_images", "eval_prompts"}, label
         for k in ("transfer", "avg", "last"):
             assert abs(vals[k] - rows[-1][k]) <= 0.01, (label, k)
     demo_txt = (out / "demo.txt").read_text()
@@ -1078,7 +1079,7 @@ def test_synthetic_mtil_run_scores_each_domain_among_its_own_classes(clip_cache,
     m = M.mtil_metrics(moe["accuracy_matrix"])
     assert moe["transfer"] == m["transfer"] and moe["avg"] == m["avg"] and moe["last"] == m["last"]
     rows = read_jsonl(str(tmp_path / "moe" / "metrics.jsonl"))
-    assert set(rows[-1]) == {"transfer", "avg", "last"}
+    assert set(rows[-1]) == {"transfer", "avg", "last", "eval_images", "eval_prompts"}
     assert rows[0]["routing"].startswith("per-task routers chosen per image by DDAS")
     chance = 100 / 8
     assert min(A[0]) > chance / 2  # own-class (8-way) accuracies, not among all 32 classes
@@ -1345,6 +1346,496 @@ def test_alexnet_features_from_a_weights_file_and_a_corrupt_one(tmp_path, capsys
     with pytest.raises(M.UsageError, match="ddas-weights"):
         M.TaskSelector(cfg_bad, adapted, 4)
 
+
+# ------------------------------------------------------------------------------------------------
+# 13b. Fakes of all 11 MTIL data sets and tiny-imagenet-200, in the layouts torchvision 0.29.1 reads
+# ------------------------------------------------------------------------------------------------
+# Every JPEG is one flat colour that encodes its label: R = 8 + 12 (label // 20), G = 8 + 12 (label % 20), B random
+# (so files differ). CIFAR-100, MNIST, EuroSAT and DTD use the encodings of their writers above. About 4,000 files
+# of 16x16 pixels, 3 MB in all. Flowers102's .mat files fail its md5 check as any fake does: the tests patch it.
+
+CALTECH101_FOLDERS = (
+    "Faces Faces_easy Leopards Motorbikes accordion airplanes anchor ant barrel bass beaver binocular bonsai brain "
+    "brontosaurus buddha butterfly camera cannon car_side ceiling_fan cellphone chair chandelier cougar_body "
+    "cougar_face crab crayfish crocodile crocodile_head cup dalmatian dollar_bill dolphin dragonfly electric_guitar "
+    "elephant emu euphonium ewer ferry flamingo flamingo_head garfield gerenuk gramophone grand_piano hawksbill "
+    "headphone hedgehog helicopter ibis inline_skate joshua_tree kangaroo ketch lamp laptop llama lobster lotus "
+    "mandolin mayfly menorah metronome minaret nautilus octopus okapi pagoda panda pigeon pizza platypus pyramid "
+    "revolver rhino rooster saxophone schooner scissors scorpion sea_horse snoopy soccer_ball stapler starfish "
+    "stegosaurus stop_sign strawberry sunflower tick trilobite umbrella watch water_lilly wheelchair wild_cat "
+    "windsor_chair wrench yin_yang").split()
+PET_BREEDS = (  # class ids 1..37 in this order; cats capitalised (species 1), dogs lower case (species 2)
+    "Abyssinian american_bulldog american_pit_bull_terrier basset_hound beagle Bengal Birman Bombay boxer "
+    "British_Shorthair chihuahua Egyptian_Mau english_cocker_spaniel english_setter german_shorthaired great_pyrenees "
+    "havanese japanese_chin keeshond leonberger Maine_Coon miniature_pinscher newfoundland Persian pomeranian pug "
+    "Ragdoll Russian_Blue saint_bernard samoyed scottish_terrier shiba_inu Siamese Sphynx staffordshire_bull_terrier "
+    "wheaten_terrier yorkshire_terrier").split()
+AIRCRAFT_VARIANTS = ["707-320", "F/A-18", "Cessna 172", "DHC-8-100"] + [f"Variant {i:02d}" for i in range(4, 100)]
+FOOD_CLASSES = [f"dish_number_{i:03d}" for i in range(101)]
+CAR_CLASSES = [f"Make{i % 49} Model {i} {2000 + i % 13}" for i in range(196)]
+SUN_CLASSES = sorted(f"/{chr(97 + i % 26)}/{chr(97 + i % 26)}_scene_{i:03d}" + ("/outdoor" if i % 50 == 7 else "")
+                     for i in range(397))
+
+
+def label_jpeg(path, label, rng, size=16, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    colour = (8 + 12 * (label // 20), 8 + 12 * (label % 20), int(rng.integers(256)))
+    img = Image.new("L", (size, size), colour[0]) if mode == "L" else Image.new("RGB", (size, size), colour)
+    img.save(path, "JPEG", quality=95)  # grayscale (label 0 only): 8 in R and G after the RGB conversion
+
+
+def decode_label(img: torch.Tensor) -> int:
+    r, g = unnormalise(img).reshape(3, -1).mean(1)[:2]
+    return 20 * int(round((r - 8) / 12)) + int(round((g - 8) / 12))
+
+
+def write_lines(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def write_fake_aircraft(root, rng, per_split=1):
+    base = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    write_lines(os.path.join(base, "variants.txt"), AIRCRAFT_VARIANTS)
+    out = {"classes": AIRCRAFT_VARIANTS}
+    for s, split in enumerate(("train", "val", "test")):
+        rows, labels = [], []
+        for c in rng.permutation(np.repeat(np.arange(100), per_split)).tolist():
+            image_id = f"{1000000 + len(rows) * 10 + s}"  # 7-digit ids like the real 1025794
+            label_jpeg(os.path.join(base, "images", image_id + ".jpg"), c, rng)
+            rows.append(f"{image_id} {AIRCRAFT_VARIANTS[c]}")
+            labels.append(c)
+        write_lines(os.path.join(base, f"images_variant_{split}.txt"), rows)
+        out[split] = labels
+    return out
+
+
+def write_fake_caltech101(root, rng, per_class=5):
+    base = os.path.join(root, "caltech101", "101_ObjectCategories")
+    labels = []
+    for c, folder in enumerate(CALTECH101_FOLDERS):
+        for i in range(per_class):  # one grayscale image, as Caltech101 has (value 8: label 0 in both channels)
+            label_jpeg(os.path.join(base, folder, f"image_{i + 1:04d}.jpg"), c, rng, mode="L" if c == i == 0 else "RGB")
+            labels.append(c)
+    for i in range(2):  # not a class: torchvision drops it
+        label_jpeg(os.path.join(base, "BACKGROUND_Google", f"image_{i + 1:04d}.jpg"), 399, rng)
+    return {"classes": CALTECH101_FOLDERS, "all": labels}
+
+
+def write_fake_flowers102(root, rng, per_split=1):
+    import scipy.io
+    base = os.path.join(root, "flowers-102")
+    labels = rng.permutation(np.repeat(np.arange(102), 3 * per_split))
+    for i, c in enumerate(labels.tolist()):
+        label_jpeg(os.path.join(base, "jpg", f"image_{i + 1:05d}.jpg"), c, rng)
+    scipy.io.savemat(os.path.join(base, "imagelabels.mat"), {"labels": (labels + 1)[None, :].astype(np.uint8)})
+    ids = {s: [i + 1 for i, c in enumerate(labels) if (i % 3) == k] for k, s in enumerate(("trnid", "valid", "tstid"))}
+    scipy.io.savemat(os.path.join(base, "setid.mat"), {k: np.array(v, dtype=np.uint16)[None, :] for k, v in ids.items()})
+    return {"train": [int(labels[i - 1]) for i in ids["trnid"]], "test": [int(labels[i - 1]) for i in ids["tstid"]]}
+
+
+def write_fake_food101(root, rng, train_per_class=2, test_per_class=1):
+    base, out = os.path.join(root, "food-101"), {"classes": FOOD_CLASSES}
+    for split, per in (("train", train_per_class), ("test", test_per_class)):
+        meta = {}
+        for c in reversed(range(101)):  # torchvision sorts the classes; the file lists them in any order
+            meta[FOOD_CLASSES[c]] = [f"{FOOD_CLASSES[c]}/{split}{k}" for k in range(per)]
+            for rel in meta[FOOD_CLASSES[c]]:
+                label_jpeg(os.path.join(base, "images", rel + ".jpg"), c, rng)
+        write_lines(os.path.join(base, "meta", f"{split}.json"), [json.dumps(meta)])
+        out[split] = [c for c in reversed(range(101)) for _ in range(per)]
+    return out
+
+
+def write_fake_oxford_pet(root, rng, per_split=1):
+    base, out = os.path.join(root, "oxford-iiit-pet"), {"classes": PET_BREEDS}
+    for split in ("trainval", "test"):
+        rows, labels = [], []
+        for c, breed in enumerate(PET_BREEDS):
+            for k in range(per_split):
+                image_id = f"{breed}_{100 + 2 * k + (split == 'test')}"
+                label_jpeg(os.path.join(base, "images", image_id + ".jpg"), c, rng)
+                rows.append(f"{image_id} {c + 1} {1 if breed[0].isupper() else 2} {k + 1}")
+                labels.append(c)
+        write_lines(os.path.join(base, "annotations", f"{split}.txt"), rows)
+        out["train" if split == "trainval" else "test"] = labels
+    return out
+
+
+def write_fake_stanford_cars(root, rng, per_split=1):
+    import scipy.io
+    base, out = os.path.join(root, "stanford_cars"), {"classes": CAR_CLASSES}
+    names = np.empty((1, 196), dtype=object)
+    names[0] = CAR_CLASSES
+    os.makedirs(os.path.join(base, "devkit"), exist_ok=True)
+    scipy.io.savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": names})
+    for split, mat in (("train", "devkit/cars_train_annos.mat"), ("test", "cars_test_annos_withlabels.mat")):
+        labels = rng.permutation(np.repeat(np.arange(196), per_split)).tolist()
+        annos = np.zeros((1, len(labels)), dtype=[(f, "O") for f in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2",
+                                                                     "class", "fname")])
+        for i, c in enumerate(labels):
+            fname = f"{i + 1:05d}.jpg"
+            label_jpeg(os.path.join(base, f"cars_{split}", fname), c, rng)
+            box = [np.array([[v]], dtype=np.uint8) for v in (1, 1, 14, 14)]
+            annos[0, i] = (*box, np.array([[c + 1]], dtype=np.uint8), np.array([fname]))
+        scipy.io.savemat(os.path.join(base, mat), {"annotations": annos})
+        out[split] = labels
+    return out
+
+
+def write_fake_sun397(root, rng, per_class=3):
+    base, labels = os.path.join(root, "SUN397"), []
+    write_lines(os.path.join(base, "ClassName.txt"), SUN_CLASSES)
+    for c, name in enumerate(SUN_CLASSES):
+        for k in range(per_class):
+            label_jpeg(os.path.join(base, name[1:], f"sun_{rng.integers(1 << 40):010x}.jpg"), c, rng)
+            labels.append(c)
+    return {"classes": [n[3:] for n in SUN_CLASSES], "all": labels}
+
+
+def write_fake_mtil(root) -> dict:
+    """All 11 MTIL data sets under root, as torchvision reads them, and tiny-imagenet-200; returns what each holds."""
+    rng = np.random.default_rng(0)
+    info = {"Aircraft": write_fake_aircraft(root, rng), "Caltech101": write_fake_caltech101(root, rng),
+            "CIFAR100": write_fake_cifar100(root, train_per_class=2, test_per_class=1),
+            "DTD": write_fake_dtd(root, per_class=1, size=16), "EuroSAT": write_fake_eurosat(root, per_class=8),
+            "Flowers": write_fake_flowers102(root, rng), "Food": write_fake_food101(root, rng),
+            "MNIST": write_fake_mnist(root, per_class=6), "OxfordPet": write_fake_oxford_pet(root, rng),
+            "StanfordCars": write_fake_stanford_cars(root, rng), "SUN397": write_fake_sun397(root, rng)}
+    info["TinyImageNet"] = write_fake_tiny_imagenet(root, list(M.TINYIMAGENET_NAMES), train_per_class=1,
+                                                    val_per_class=1, size=16)
+    return info
+
+@pytest.fixture(scope="session")
+def fake_mtil(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mtil-data"))
+    return root, write_fake_mtil(root)
+
+
+@pytest.fixture
+def md5_patched(monkeypatch):
+    """A fake's files cannot have the real md5 sums that CIFAR-100 and Flowers102 check: accept any."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.flowers102
+    for module in (torchvision.datasets.cifar, torchvision.datasets.flowers102):
+        monkeypatch.setattr(module, "check_integrity", lambda *a, **k: True)
+
+
+MTIL_DECODE = {"CIFAR100": lambda img: int(round(unnormalise(img)[0].mean())),  # the writers' label encodings
+               "MNIST": lambda img: int(round((float(unnormalise(img).mean()) - 5) / 20)),
+               "EuroSAT": lambda img: int(round((pixels(img) - 10) / 20)),
+               "DTD": lambda img: int(round((pixels(img) - 5) / 5))}
+MTIL_SIZES = {"Aircraft": (100, 100, 100), "Caltech101": (101, 404, 101), "CIFAR100": (100, 200, 100),  # classes,
+              "DTD": (47, 47, 47), "EuroSAT": (10, 64, 16), "Flowers": (102, 102, 102), "Food": (101, 202, 101),
+              "MNIST": (10, 60, 60), "OxfordPet": (37, 37, 37), "StanfordCars": (196, 196, 196),  # train, test
+              "SUN397": (397, 952, 239)}
+
+
+def expected_mtil_names(name: str) -> list:
+    """Class names in torchvision's label order: spec Appendix C for Caltech101, EuroSAT and Flowers102, else
+    torchvision's own names with '_' -> ' ' (spec 9.1)."""
+    pet = [" ".join(part.title() for part in b.split("_")) for b in PET_BREEDS]
+    return {"Aircraft": AIRCRAFT_VARIANTS, "Caltech101": M.CALTECH101_NAMES, "CIFAR100": FINE_NAMES, "DTD": DTD_CLASSES,
+            "EuroSAT": M.EUROSAT_NAMES, "Flowers": M.FLOWERS102_NAMES, "Food": FOOD_CLASSES, "MNIST": MNIST_CLASSES,
+            "OxfordPet": pet, "StanfordCars": CAR_CLASSES, "SUN397": [n[3:] for n in SUN_CLASSES]}[name]
+
+
+def test_every_mtil_data_set_loads_from_its_torchvision_layout_with_each_image_under_its_label(fake_mtil,
+                                                                                              md5_patched):
+    root, info = fake_mtil
+    cfg = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root))
+    assert M.missing_data(cfg) == []
+    bench = M.load_mtil(cfg, 32)
+    assert bench.task_names == M.MTIL_ORDER_I and bench.splits[-1][1] == len(bench.class_names) == 1201
+    for t, name in enumerate(M.MTIL_ORDER_I):
+        (lo, hi), (n_classes, n_train, n_test) = bench.splits[t], MTIL_SIZES[name]
+        assert hi - lo == n_classes, name
+        assert bench.class_names[lo:hi] == [c.replace("_", " ") for c in expected_mtil_names(name)], name
+        for split, n in (("train", n_train), ("test", n_test)):
+            sub = bench.subset(split, t)
+            assert len(sub) == n, (name, split)
+            decode = MTIL_DECODE.get(name, decode_label)
+            labels = bench.train_labels if split == "train" else bench.test_labels
+            for i in sub.indices:  # through Relabeled, Transformed, ConcatDataset and the transform
+                img, y = getattr(bench, split)[i]
+                assert img.shape == (3, 32, 32) and y == labels[i] == lo + decode(img), (name, split, i)
+        if name in ("Caltech101", "EuroSAT"):  # 80/20 of the whole folder, torch seed 42 (spec 9.1; SUN397 below)
+            perm = torch.randperm(n_train + n_test, generator=torch.Generator().manual_seed(42)).tolist()
+            assert bench.test_labels[bench.subset("test", t).indices].tolist() == \
+                [lo + info[name]["all"][i] for i in perm[n_train:]], name
+    assert CALTECH101_FOLDERS == sorted(CALTECH101_FOLDERS)  # torchvision's label order: sorted folder names
+    for i, folder in ((0, "Faces"), (19, "car_side"), (24, "cougar_body"), (29, "crocodile_head"), (100, "yin_yang")):
+        assert CALTECH101_FOLDERS[i] == folder
+    assert [M.CALTECH101_NAMES[i] for i in (0, 19, 24, 29, 100)] == [
+        "off-center face", "side of a car", "body of a cougar cat", "head of a  crocodile", "yin and yang symbol"]
+    assert bench.templates[M.MTIL_ORDER_I.index("Caltech101")][0] == "a photo of a {}."
+
+
+@pytest.mark.parametrize("order,shots", [("I", 0), ("II", 0), ("I", 5), ("II", 5)])
+def test_mtil_benchmark_on_the_fakes_in_both_orders_full_and_few_shot(fake_mtil, md5_patched, order, shots):
+    root, _ = fake_mtil
+    cfg = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, order=order, shots=shots))
+    assert (cfg.seed, cfg.iterations, cfg.ddas_lr) == (42, 500 if shots else 1000, 0.003 if shots else 0.01)
+    bench = M.load_mtil(cfg, 32)
+    names = M.MTIL_ORDER_I if order == "I" else M.MTIL_ORDER_II
+    assert bench.task_names == names and len(bench.splits) == 11
+    assert bench.lrs == [(M.MTIL_LR_FEW_SHOT if shots else M.MTIL_LR)[n] for n in names]
+    assert bench.templates == [M.MTIL_TEMPLATES[n].split("; ") for n in names]
+    for t, name in enumerate(names):
+        lo, hi = bench.splits[t]
+        n_classes, n_train, n_test = MTIL_SIZES[name]
+        assert hi - lo == n_classes and bench.full_train[t] == n_train
+        assert bench.class_names[lo] == expected_mtil_names(name)[0].replace("_", " ")
+        assert len(bench.subset("test", t)) == n_test
+        per_class = np.bincount(bench.train_labels[bench.subset("train", t).indices] - lo, minlength=n_classes)
+        if shots:  # the first 5 of each class, or all there are
+            everything = np.bincount(M.labels_of(bench.train.datasets[t].ds.dataset), minlength=n_classes)
+            assert per_class.tolist() == np.minimum(everything, shots).tolist(), name
+            assert per_class.max() == min(shots, everything.max()), name
+        else:
+            assert per_class.sum() == n_train, name
+        assert bench.epoch_batches(t) == math.ceil(n_train / 64)  # the full loader's, also with shots (spec 4.2)
+
+
+def test_mtil_command_line_end_to_end_on_all_eleven_fakes(fake_mtil, tmp_path):
+    """The real script in a subprocess (with the fakes' md5 checks patched) on all 11 data sets, tiny CLIP."""
+    root, _ = fake_mtil
+    out = tmp_path / "mtil"
+    patch = ("import runpy, sys, torchvision.datasets.cifar as c, torchvision.datasets.flowers102 as f; "
+             "c.check_integrity = f.check_integrity = lambda *a, **k: True; "
+             f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    argv = ["--dataset", "mtil", "--data-root", root, "--output-dir", str(out), "--iterations", "2",
+            "--batch-size", "16", "--workers", "0", "--no-ddas"] + TINY
+    proc = subprocess.run([sys.executable, "-c", patch] + argv, capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 12 and [r["task"] for r in rows[:11]] == list(range(11))
+    assert set(rows[-1]) == {"transfer", "avg", "last", "eval_images", "eval_prompts"}
+    lines = (out / "accuracy_matrix.csv").read_text().splitlines()
+    matrix = np.array([[float(v) for v in ln.split(",")[1:]] for ln in lines[1:]])
+    assert lines[0].split(",") == ["after_task"] + [f"task_{j}" for j in range(11)] and matrix.shape == (11, 11)
+    assert rows[-1]["last"] == pytest.approx(matrix[-1].mean(), abs=1e-3)
+    assert rows[-1]["avg"] == pytest.approx(matrix.mean(), abs=1e-3)
+    assert rows[-1]["transfer"] == pytest.approx(np.mean([matrix[:j, j].mean() for j in range(1, 11)]), abs=1e-3)
+    tests = sum(n for _, _, n in MTIL_SIZES.values())
+    assert rows[-1]["eval_images"] == 11 * tests  # every data set after every task (spec 6.2)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["seed"], config["experts"], config["dataset_lr"]) == (42, 22, True)
+
+
+def shuffled_listings(monkeypatch, seed=1):
+    """Make the file system list directories in another (seeded) order: os.listdir, os.scandir (and so os.walk)
+    and Path.rglob / Path.iterdir."""
+    import pathlib
+    rng = random.Random(seed)
+    real_listdir, real_scandir, real_rglob = os.listdir, os.scandir, pathlib.Path.rglob
+
+    def mixed(items):
+        items = list(items)
+        rng.shuffle(items)
+        return items
+
+    class Scandir:  # an iterator and a context manager, as os.scandir's result
+        def __init__(self, path="."):
+            with real_scandir(path) as it:
+                self.items = iter(mixed(it))
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.items)
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(os, "listdir", lambda path=".": mixed(real_listdir(path)))
+    monkeypatch.setattr(os, "scandir", Scandir)
+    monkeypatch.setattr(pathlib.Path, "rglob", lambda self, pattern: iter(mixed(real_rglob(self, pattern))))
+
+
+def test_seeded_splits_do_not_depend_on_the_order_the_file_system_lists_files(fake_mtil, monkeypatch):
+    root, info = fake_mtil
+    train_tf, test_tf = M.transforms(32)
+    split = lambda name: [(float(img.sum()), y) for ds in M.mtil_dataset(name, root, False, test_tf, test_tf)[:2]
+                          for img, y in ds]
+    before = {name: split(name) for name in ("Caltech101", "EuroSAT", "SUN397")}
+    shuffled_listings(monkeypatch)
+    import torchvision.datasets as D
+    assert [p.name for p in D.SUN397(root)._image_files[:20]] != sorted(p.name for p in D.SUN397(root)._image_files[:20])
+    for name, items in before.items():
+        assert split(name) == items, name  # the same images, labels and order in train and test
+    # the 80/20 split of SUN397 is the seed-42 permutation of its files in sorted order
+    sun = M.mtil_dataset("SUN397", root, False, test_tf, test_tf)[1]
+    files = sorted(str(p) for p in D.SUN397(root)._image_files)
+    assert [str(sun.ds._image_files[i]) for i in sun.indices] == [files[i] for i in torch.randperm(
+        len(files), generator=torch.Generator().manual_seed(42)).tolist()[int(0.8 * len(files)):]]
+
+
+def test_everything_a_run_lacks_is_named_in_one_line_and_nothing_is_created(capsys, tmp_path, monkeypatch):
+    """CLIP weights, the data and DDAS's AlexNet weights, missing at once, offline: one message, exit 2."""
+    cache, data, hub, out = tmp_path / "cache", tmp_path / "data", tmp_path / "hub", tmp_path / "o"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    line = assert_usage_error(capsys, ["--dataset", "cifar100", "--tasks", "10", "--preset", "full", "--clip-cache",
+                                       str(cache), "--data-root", str(data), "--output-dir", str(out)])
+    for fragment in ("the ViT-B/16 weights are not in " + str(cache), "ViT-B-16.pt", "--clip-weights PATH",
+                     "CIFAR100: " + str(data / "cifar-100-python") + " lacks train, test, meta", "--download",
+                     "DDAS's AlexNet weights", "alexnet-owt-7be5be79.pth", "--ddas-features clip"):
+        assert fragment in line, fragment
+    line = assert_usage_error(capsys, ["--dataset", "mtil", "--data-root", str(data), "--clip-cache", str(cache),
+                                       "--ddas-weights", str(tmp_path / "alex.pth"), "--output-dir", str(out)])
+    assert "--ddas-weights " + str(tmp_path / "alex.pth") + ": no such file" in line
+    assert "the ViT-B/16 weights are not in" in line and "TinyImageNet" not in line  # MTIL needs none by default
+    assert all(f"{name}: {data}" in line for name in M.MTIL_ORDER_I)
+    assert "TinyImageNet: " in assert_usage_error(capsys, ["--dataset", "mtil", "--data-root", str(data),
+                                                           "--ddas-reference", "--output-dir", str(out)] + TINY)
+    assert not any(p.exists() for p in (cache, data, hub, out))
+
+
+def test_a_failed_download_of_missing_weights_is_named_and_leaves_no_folder(capsys, tmp_path, monkeypatch,
+                                                                            fake_cifar):
+    import urllib.error
+    cache, hub, out = tmp_path / "cache" / "clip", tmp_path / "hub", tmp_path / "o"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def offline(folder):
+        def download(*args, **kwargs):  # as the real ones do: make the folder, then fail to connect
+            os.makedirs(folder, exist_ok=True)
+            raise urllib.error.URLError("no network")
+        return download
+
+    monkeypatch.setattr(M.clip.clip, "_download", offline(str(cache)))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline(str(hub / "checkpoints")))
+    line = assert_usage_error(capsys, ["--dataset", "cifar100", "--data-root", fake_cifar[0], "--preset", "full",
+                                       "--clip-cache", str(cache), "--output-dir", str(out)])
+    assert "the ViT-B/16 weights are not in " + str(cache) + " (the download failed (URLError))" in line
+    assert "DDAS's AlexNet weights are not in " + str(hub / "checkpoints") + " (the download failed" in line
+    assert not any(p.exists() for p in (tmp_path / "cache", hub, out))
+
+
+def test_mtil_refusals_name_the_real_problem_per_data_set(fake_mtil, md5_patched, tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "data")
+    shutil.copytree(fake_mtil[0], root)
+    run = lambda *extra: assert_usage_error(capsys, ["--dataset", "mtil", "--data-root", root, "--output-dir",
+                                                     str(tmp_path / "o"), "--ddas-features", "clip"] + TINY +
+                                            list(extra))
+    # --download never asks torchvision to download StanfordCars (it refuses whatever is on disk) ...
+    shutil.rmtree(os.path.join(root, "stanford_cars"))
+    line = run("--download")
+    assert "StanfordCars: " in line and "place it there by hand" in line and "Aircraft" not in line
+    shutil.copytree(os.path.join(fake_mtil[0], "stanford_cars"), os.path.join(root, "stanford_cars"))
+    import torchvision.datasets as D
+    monkeypatch.setattr(D.StanfordCars, "download", lambda self: pytest.fail("StanfordCars.download was called"))
+    train, test, names = M.mtil_dataset("StanfordCars", root, True, None, None)
+    assert len(names) == 196 and len(train) == len(test) == 196
+    # ... a corrupt annotation file is named as corrupt, not as missing ...
+    with open(os.path.join(root, "stanford_cars", "devkit", "cars_meta.mat"), "wb") as f:
+        f.write(b"MATLAB 5.0 MAT-file, truncated")
+    line = run()
+    assert "StanfordCars in " + os.path.join(root, "stanford_cars") in line and "Aircraft" not in line
+    assert "missing" not in line and "lacks" not in line
+    # ... as is a missing scipy, which torchvision needs for Caltech101, Flowers102 and StanfordCars
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "scipy" else real_find_spec(n, *a))
+    line = run()
+    assert "Caltech101, Flowers, StanfordCars with scipy: pip install scipy" in line
+    assert "scipy" in open(os.path.join(os.path.dirname(SCRIPT), "requirements.txt")).read().split()
+
+
+def test_refused_mtil_run_creates_no_folder_in_the_data_root(capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert_usage_error(capsys, ["--dataset", "mtil", "--data-root", str(data), "--output-dir", str(tmp_path / "o"),
+                                "--ddas-features", "clip"] + TINY, "Caltech101: ")
+    assert os.listdir(data) == [] and not (tmp_path / "o").exists()  # torchvision's Caltech101 would make caltech101/
+
+def test_ddas_autoencoder_reproduces_the_authors_step_schedule(monkeypatch):
+    """lr = 0.01 * 0.1^(epoch // 10), epoch = step // (batches of the full loader): with Flowers102's 16 batches,
+    steps 160..300 (141 of the 301) run at 1e-3 (spec 4.2, Q15). The autoencoder equals one trained by this loop."""
+    cfg = tiny_cfg(preset="full", ddas_features="clip")
+    plain, adapted = tiny_adapted_clip(cfg)
+    images, _ = sample_inputs(n_images=6)
+    data = torch.utils.data.TensorDataset(images.repeat(3, 1, 1, 1), torch.zeros(18, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)  # 5 batches per pass; no shuffling: the same batches
+    lrs, real_step = [], torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    sel = M.TaskSelector(cfg, adapted, 4)
+    start = copy.deepcopy(sel.autoencoders[0].state_dict())
+    M.fit_selector(sel, cfg, loader, 0, CPU, iters=300, epoch_batches=16)
+    assert lrs == [0.01] * 160 + [pytest.approx(1e-3)] * 141
+    ae = copy.deepcopy(sel.autoencoders[0])  # the same steps written out
+    ae.load_state_dict(start)
+    opt, batches = torch.optim.Adam(ae.parameters(), lr=0.003, weight_decay=1e-4), M.forever(loader)
+    for step in range(301):
+        opt.param_groups[0]["lr"] = 0.01 * 0.1 ** ((step // 16) // 10)
+        f = sel.features(next(batches)[0])
+        loss = F.mse_loss(ae(f), f)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in ae.state_dict().items():
+        assert torch.equal(v, sel.autoencoders[0].state_dict()[k]), k
+    lrs.clear()
+    M.fit_selector(M.TaskSelector(tiny_cfg(preset="full", ddas_features="clip", ddas_step_lr=False), adapted, 4),
+                   tiny_cfg(preset="full", ddas_features="clip", ddas_step_lr=False), loader, 0, CPU, 30, 2)
+    assert lrs == [0.01] * 31  # --no-ddas-step-lr: constant
+    assert tiny_cfg(preset="full", shots=5).ddas_lr == 0.003 and tiny_cfg(preset="full", shots=5, ddas_lr=0.02).ddas_lr \
+        == 0.02  # the authors' few-shot rate, unless given
+
+
+def test_ddas_reference_autoencoder_sends_what_it_wins_to_clip():
+    err = torch.tensor([[0.02, 0.05, 0.01, 0.03],    # columns: tasks 0, 1, 2 (untrained), the reference
+                        [0.06, 0.08, 0.50, 0.01],    # the reference wins -> untouched CLIP
+                        [0.04, 0.03, 0.90, 0.20]])
+    x = torch.zeros(3, 1)
+    cfg = tiny_cfg(preset="full", ddas_threshold="0.07", ddas_reference=True)
+    sel = FixedErrors(cfg, err, [True, True, False, True])
+    assert sel.n_tasks == 3 and sel.select(x).tolist() == [0, -1, 1]
+    # the authors' rule exactly: batch means over all 12 autoencoders, the reference included, tau 0.0655
+    authors = tiny_cfg(preset="full", ddas_threshold="0.0655", ddas_reference=True, ddas_per_batch=True,
+                       ddas_all_autoencoders=True)
+    assert FixedErrors(authors, err, [True, True, False, True]).select(x).tolist() == [0, 0, 0]  # means .04 .053 .47 .08
+    assert FixedErrors(authors, err[:2], [True, True, False, True]).select(x[:2]).tolist() == [-1, -1]  # ref .02 wins
+    assert FixedErrors(authors, err[2:] + 0.05, [True, True, False, True]).select(x[:1]).tolist() == [-1]  # > tau
+
+
+def test_ddas_reference_trains_on_tinyimagenet_or_the_pretraining_classes(fake_mtil, small_synthetic, tmp_path,
+                                                                          clip_cache):
+    root, _ = fake_mtil
+    cfg = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, ddas_reference=True))
+    assert M.datasets_needed(cfg)[-1] == "TinyImageNet" and M.missing_data(cfg) == []
+    images, full = M.reference_images(cfg, 32)
+    assert full == len(images) == 200 and images[0][0].shape == (3, 32, 32)
+    few = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, ddas_reference=True, shots=5))
+    images, full = M.reference_images(few, 32)
+    assert full == 200 and len(images) == 200  # the fake has one image per class: all of them are among the 5
+    out = M.main(["--dataset", "mtil", "--dry-run", "--clip-weights", "random", "--ddas-reference"])
+    assert out["ddas_autoencoders"] == 104_353_968  # 12 autoencoders of 8,696,164 (spec 2.5)
+    # a synthetic run: the reference (slot 4) is trained on the tiny CLIP's pretraining classes before task 0
+    run_dir = str(tmp_path / "ref")
+    summary = M.main(["--dataset", "synthetic-mtil", "--clip-cache", clip_cache, "--ddas-reference", "--epochs", "1",
+                      "--ddas-iters", "20", "--ddas-reference-iters", "20", "--output-dir", run_dir])
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["ddas"]["trained"].tolist() == [True] * 5 and ckpt["ddas"]["tau"].isfinite().all()
+    assert ckpt["config"]["ddas_reference"] is True and len(summary["accuracy_matrix"]) == 4
+    cfg = M.resolve_config(dict(dataset="synthetic-mtil", ddas_reference=True))
+    images, full = M.reference_images(cfg, 32)
+    assert full == len(images) == len(M.SYNTHETIC_PRETRAIN_CLASSES) * M.SYN_TRAIN_PER_CLASS
+    assert set(images.tensors[1].tolist()) == set(range(len(M.SYNTHETIC_PRETRAIN_CLASSES)))
 
 # ------------------------------------------------------------------------------------------------
 # 14. The fused Triton kernel (on Triton's CPU interpreter) equals the readable loop
