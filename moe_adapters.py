@@ -112,6 +112,7 @@ class Config:
     prompt: str = "a bad photo of a {}."  # train and test prompt template (spec 5.1)
     clean_names: bool = False          # quirk Q3: replace "_" by " " in class names (the authors keep "maple_tree")
     eval_train_transform: bool = False  # quirk Q2: evaluate with the random-crop train transform, as the authors' CIL code
+    eval_all_tasks: bool = False       # class-incremental: also evaluate tasks after t+1 (the full matrix; MTIL always)
     # optimisation (spec 5.1)
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
@@ -297,6 +298,9 @@ def validate(cfg: Config) -> None:
             ok = False
         if not ok:
             raise UsageError(f"--ddas-threshold takes a positive number or 'auto', got {cfg.ddas_threshold!r}")
+    if cfg.ddas_all_autoencoders and cfg.ddas_threshold == "auto":
+        raise UsageError("--ddas-all-autoencoders: untrained autoencoders have no calibrated threshold, so "
+                         "--ddas-threshold auto cannot rank them: give a number (the authors: 0.0655)")
     if not 0 < cfg.ddas_quantile <= 1:
         raise UsageError(f"--ddas-quantile must be in (0, 1], got {cfg.ddas_quantile}")
     if min(cfg.ddas_iters, cfg.ddas_reference_iters, cfg.ddas_hidden, cfg.ddas_lr) <= 0:
@@ -316,6 +320,11 @@ def validate(cfg: Config) -> None:
                          f"{cfg.top_k} x --bottleneck {cfg.bottleneck} is {cfg.top_k * cfg.bottleneck}: use batched")
     if cfg.amp and resolve_device(cfg).type != "cuda":
         raise UsageError("--amp is bf16 autocast on CUDA only: drop it on the CPU")
+    fault = cfg.moe_impl == "triton" and kernel_fault(str(resolve_device(cfg)), torch.bfloat16 if cfg.amp else
+                                                      torch.float32, cfg.top_k, cfg.bottleneck)
+    if fault:
+        raise UsageError(f"--moe-impl triton fails its check against batched on {resolve_device(cfg)} ({fault}): "
+                         f"use --moe-impl batched (or auto)")
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -619,7 +628,7 @@ def mixture_loop(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
             continue
         h = F.dropout(F.relu(x[:, n] @ w_down[e] + b_down[e]), p_drop, training=p_drop > 0)  # [L, n_e, r]
         out = scale * (h @ w_up[e] + b_up[e])                            # E_e(x)            [L, n_e, d]
-        y = y.index_add(1, n, (w[n, j][None, :, None] * out).to(y.dtype))  # y += G_e E_e(x)
+        y.index_add_(1, n, (w[n, j][None, :, None] * out).to(y.dtype))  # y += G_e E_e(x), in place
     return y
 
 
@@ -784,14 +793,58 @@ def triton_usable(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or TRITON_INTERPRET)
 
 
+def kernel_gpu(device: torch.device) -> bool:
+    """Where `auto` tries the fused kernel: a CUDA GPU Triton supports (compute capability 7.0 on)."""
+    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_fault(device: str, dtype: torch.dtype, top_k: int, bottleneck: int) -> str | None:
+    """Why the fused kernel cannot be trusted here, or None. Checked once per process, before its first use:
+    on a small random problem in the run's dtype it must match `batched` in fp32 on the same values, in the
+    output and every gradient (within 1% in fp32, 20% in bf16: a wrong kernel misses by far more)."""
+    gen = torch.Generator().manual_seed(0)
+    E, L, N, d = 4, 19, 5, 48
+    shapes = ((L, N, d), (N, top_k), (E, d, bottleneck), (E, bottleneck), (E, bottleneck, d), (E, d))
+    values = [(torch.randn(shape, generator=gen) * 0.1).to(dtype) for shape in shapes]
+    idx = torch.randn(N, E, generator=gen).topk(top_k, dim=1).indices.to(device)
+    grad_y = torch.randn(L, N, d, generator=gen).to(dtype)
+    results = []
+    try:
+        for mixture, dt in ((mixture_batched, torch.float32), (mixture_triton, dtype)):
+            x, w, wd, bd, wu, bu = (v.to(device, dt).requires_grad_() for v in values)
+            y = mixture(x, idx, w, wd, bd, wu, bu, 0.1, 0.0)
+            y.backward(grad_y.to(device, dt))
+            results.append([y] + [t.grad for t in (x, w, wd, bd, wu, bu)])
+    except Exception as e:  # a Triton or driver version that cannot compile or launch it
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    tol = 1e-2 if dtype == torch.float32 else 0.2
+    for a, b in zip(*results):
+        if b is None or not bool(torch.isfinite(b).all()) or \
+                float((a - b.float()).abs().max().detach()) > tol * float(a.abs().max().detach()):
+            return "its output or gradients differ from the batched mixture's"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    if rank() == 0:
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def resolve_impl(cfg: Config) -> str:
-    """auto = the fused Triton kernel on a CUDA GPU Triton supports (compute capability 7.0 on) when triton
-    imports and k * bottleneck <= 256, else batched."""
-    if cfg.moe_impl == "auto":
-        device, fits = resolve_device(cfg), cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
-        gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
-        return "triton" if triton is not None and gpu and fits else "batched"
-    return cfg.moe_impl
+    """auto = the fused Triton kernel on a CUDA GPU Triton supports, when triton imports, k * bottleneck <= 256
+    and the kernel passes its check (kernel_fault); else batched, with one warning when the check failed."""
+    if cfg.moe_impl != "auto":
+        return cfg.moe_impl
+    device = resolve_device(cfg)
+    if not kernel_gpu(device) or cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
+        return "batched"
+    fault = kernel_fault(str(device), torch.bfloat16 if cfg.amp else torch.float32, cfg.top_k, cfg.bottleneck)
+    if fault:
+        warn_once(f"the fused Triton kernel fails its check on {device} ({fault}): running --moe-impl batched")
+        return "batched"
+    return "triton"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1742,10 +1795,11 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation and metrics. After task t every task's test images are classified: those of tasks
-# 0..t among all classes seen so far (the CIL protocol), those of a later task j among the classes
-# of tasks 0..j (zero-shot look-ahead, for forward transfer). The accuracy matrix A[t][j] is saved
-# and every printed number is derived from it.
+# Evaluation and metrics. After task t the test images of tasks 0..t are classified among all classes
+# seen so far (the CIL protocol), and those of task t+1 among the classes of tasks 0..t+1 (zero-shot
+# look-ahead, for forward transfer); --eval-all-tasks adds every later task, MTIL always evaluates every
+# data set among its own classes. The accuracy matrix A[t][j] is saved and every printed number is derived
+# from it.
 # ------------------------------------------------------------------------------------------------
 
 def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
@@ -1836,6 +1890,11 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
     T = len(bench.splits)
     accs, counts, sent = [], [], []
     for j in range(T):
+        if bench.kind != "mtil" and j > t + 1 and not cfg.eval_all_tasks:  # no metric needs it (fwt: t + 1)
+            accs.append(None)
+            counts.append(len(bench.subset("test", j)))
+            sent.append(None)
+            continue
         tasks = [j] if bench.kind == "mtil" else range(max(t, j) + 1)  # whose classes are the possible answers
         lo = bench.splits[tasks[0]][0]
         images = bench.subset("test", j)  # under torchrun each rank takes every world()-th image; sums below
@@ -1870,7 +1929,7 @@ def routing_rates(sent: list, t: int) -> dict:
     """From evaluate()'s counts: the share of test images of learned tasks (j <= t) sent to their own
     router, and of later tasks (j > t) sent to the untouched CLIP."""
     own = sum(s[j + 1] for j, s in enumerate(sent[:t + 1])) / max(sum(map(sum, sent[:t + 1])), 1)
-    later = sent[t + 1:]
+    later = [s for s in sent[t + 1:] if s is not None]
     to_clip = sum(s[0] for s in later) / sum(map(sum, later)) if later else None
     return {"own_router": own, "unseen_to_clip": to_clip, "destinations": sent}
 
@@ -1922,7 +1981,7 @@ def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> Non
         rows.append(json.dumps(summary_of(state, kind) | state.get("stats", {})))
     atomic_write(os.path.join(out, "metrics.jsonl"), "\n".join(rows) + "\n")
     header = "after_task," + ",".join(f"task_{j}" for j in range(n_tasks))
-    lines = [f"{i}," + ",".join(f"{a:.4f}" for a in row) for i, row in enumerate(state["matrix"])]
+    lines = [f"{i}," + ",".join("" if a is None else f"{a:.4f}" for a in row) for i, row in enumerate(state["matrix"])]
     atomic_write(os.path.join(out, "accuracy_matrix.csv"), "\n".join([header] + lines) + "\n")
 
 
@@ -2110,8 +2169,10 @@ def run(cfg: Config) -> dict:
         if main_rank:
             write_metrics(out, state, T, bench.kind)
             print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
+    impl = adapters(model)[0].impl if adapters(model) else "none"  # what --moe-impl resolved to, after its check
     if main_rank:
-        atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        atomic_write(os.path.join(out, "config.json"),
+                     json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
     net = TaskLogits(model)
     if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
@@ -2131,7 +2192,7 @@ def run(cfg: Config) -> dict:
         state["matrix"].append(accs)
         lo, hi = bench.splits[t]
         row = continual_metrics(state["matrix"], state["counts"], t)
-        row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg))
+        row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg), moe_impl=impl)
         if cfg.routers == "per-task" and cfg.method == "moe-adapters":
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
@@ -2333,7 +2394,8 @@ def run_demo(args: dict) -> dict:
 def unseen_to_clip(rows: list) -> float:
     """Share of the not-yet-learned tasks' test images that DDAS sent to the untouched CLIP, over all the
     metrics rows of a run."""
-    dest = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"]) if j > r["task"]]
+    dest = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"])
+            if j > r["task"] and d is not None]
     return sum(d[0] for d in dest) / max(sum(map(sum, dest)), 1)
 
 
