@@ -203,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name), help=help_text)
     p.add_argument("--demo", action="store_true", help="run the offline demo (also what no arguments do)")
+    p.add_argument("--predict", nargs="+", metavar="IMAGE", help="route and classify these images with the trained "
+                   "run in --output-dir: top-5 classes of each, also written to predictions.jsonl")
     return p
 
 
 def resolve_config(args: dict) -> Config:
     """Config defaults < data set defaults < preset < (synthetic schedule) < method < explicit flags."""
-    given = {k: v for k, v in args.items() if v is not None and k != "demo"}
+    given = {k: v for k, v in args.items() if v is not None and k not in ("demo", "predict")}
     values = dataclasses.asdict(Config())
     ds = given.get("dataset", values["dataset"])
     values.update(DATASET_DEFAULTS[ds])
@@ -1985,6 +1987,69 @@ def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> Non
     atomic_write(os.path.join(out, "accuracy_matrix.csv"), "\n".join([header] + lines) + "\n")
 
 
+REPORTED_CURVES = {  # (dataset, --tasks): the authors' accuracy after each step (spec 7.1, reported), for the plots
+    ("cifar100", 10): "98.4 94.7 89.27 85.38 83.56 83.25 81.39 79.74 78.86 77.52",
+    ("cifar100", 20): "99.8 97.7 95.8 93.7 88.2 81.63 84.03 82.05 82.98 82.42 79.29 80.73 78.78 79.31 79.25 78.77 "
+                      "78.75 77.73 77.16 76.2",
+    ("cifar100", 50): "100.0 100.0 98.83 98.62 97.1 96.75 95.57 95.44 91.94 93.2 91.45 89.96 87.96 87.86 85.6 85.59 "
+                      "83.38 83.28 82.68 81.88 82.81 83.3 82.13 82.19 81.26 80.13 79.22 80.11 80.62 81.28 80.11 79.34 "
+                      "78.56 78.88 78.59 78.68 77.3 76.32 77.69 77.66 78.04 78.0 77.12 77.24 76.46 75.85 75.72 75.56 "
+                      "75.84 75.24",
+    ("tinyimagenet", 20): "86.2 85.26 83.69 83.69 82.58 82.7 82.31 80.95 80.77 79.61 78.24 78.49 78.21 78.33 78.21 "
+                          "77.95 76.61 77.01 76.68 75.87 75.77",
+    ("tinyimagenet", 10): "85.46 83.91 82.85 82.05 80.69 79.56 79.0 78.24 77.47 76.94 76.35",
+    ("tinyimagenet", 5): "85.98 83.95 81.77 79.99 78.18 76.87",
+}
+
+
+def pyplot():
+    """matplotlib's pyplot for files (no display), or None with one line on how to get the pictures."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        warn_once("matplotlib is not installed, so no pictures were drawn: pip install matplotlib")
+        return None
+
+
+def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None:
+    """accuracy_matrix.png (the matrix as a heatmap with its values; cells not evaluated left blank) and
+    accuracy_curve.png (accuracy on the classes seen so far after each task, beside the authors' reported
+    curve for the paper's class-incremental settings)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    A, T = np.array(state["matrix"], dtype=float), len(task_names)
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * T, 1.5 + 0.5 * len(A)))
+    image = ax.imshow(A, cmap="viridis", vmin=0, vmax=100)
+    for (i, j), a in np.ndenumerate(A):
+        if not np.isnan(a) and T <= 25:
+            ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=8, color="white" if a < 60 else "black")
+    ax.set_xticks(range(T), task_names, rotation=90 if T > 10 else 0)
+    ax.set_yticks(range(len(A)), task_names[:len(A)])
+    ax.set(xlabel="test images of", ylabel="after training on", title=f"accuracy (%), {cfg.dataset}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_matrix.png"), dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = range(1, len(state["rows"]) + 1)
+    ax.plot(steps, [r["acc"] for r in state["rows"]], "o-", label=f"{cfg.method}, this run (measured)")
+    reported = REPORTED_CURVES.get((cfg.dataset, cfg.tasks))
+    if reported:
+        ax.plot(range(1, len(reported.split()) + 1), [float(a) for a in reported.split()], "s--", color="grey",
+                label="MoE-Adapters, the authors' run (reported)")
+    ax.set(xlabel="after task", ylabel="accuracy on the classes seen so far (%)", ylim=(0, 100),
+           title=f"{cfg.dataset}, {T} tasks")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_curve.png"), dpi=100)
+    plt.close(fig)
+
+
 def atomic_write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -2019,12 +2084,15 @@ def set_rng_states(s: dict) -> None:
 
 
 def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict,
-                    selector: TaskSelector | None = None) -> None:
+                    selector: TaskSelector | None = None, bench: Benchmark | None = None) -> None:
     trainable = {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {}
+    classes = {} if bench is None else {k: getattr(bench, k) for k in ("class_names", "splits", "templates",
+                                                                       "task_names", "kind")}
     ckpt = {"format": CHECKPOINT_FORMAT, "config": run_identity(cfg), "next_task": len(state["rows"]),
             "trainable": trainable, "ddas": selector.state_dict() if selector is not None else {},
             "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "stats": state["stats"],
-            "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()}, "rng": rng_states()}
+            "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()}, "rng": rng_states(),
+            "classes": classes}  # what --predict needs to name classes without the data
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint.pt
 
@@ -2032,8 +2100,8 @@ def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict
 CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
 
 
-def read_checkpoint(path: str, cfg: Config) -> dict:
-    """Load a checkpoint and refuse (one line) a corrupt one or one of another configuration."""
+def read_checkpoint(path: str, cfg: Config | None) -> dict:
+    """Load a checkpoint and refuse (one line) a corrupt one or one of another configuration (cfg None: any)."""
     fix = CHECKPOINT_FIX
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -2041,7 +2109,7 @@ def read_checkpoint(path: str, cfg: Config) -> dict:
         raise UsageError(f"{path} is unreadable or corrupt ({type(e).__name__}): {fix}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
         raise UsageError(f"{path} is not a checkpoint of this script: {fix}")
-    mine = run_identity(cfg)
+    mine = run_identity(cfg) if cfg is not None else ckpt["config"]
     for k in sorted(set(mine) | set(ckpt["config"])):
         if ckpt["config"].get(k) != mine.get(k):
             raise UsageError(f"{path} was written with --{k.replace('_', '-')} {ckpt['config'].get(k)!r} but this "
@@ -2197,10 +2265,12 @@ def run(cfg: Config) -> dict:
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
         if main_rank:
-            save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector)
+            save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector, bench)
             write_metrics(out, state, T, bench.kind)
             print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
                   f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
+    if main_rank:
+        write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
     last = state["rows"][-1]
     return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
             "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
@@ -2401,12 +2471,101 @@ def unseen_to_clip(rows: list) -> float:
     return sum(d[0] for d in dest) / max(sum(map(sum, dest)), 1)
 
 
+def run_config(out: str, ckpt: dict, overrides: dict) -> Config:
+    """The configuration of the run in `out`: its config.json, what its checkpoint computed with (which wins),
+    and the run-only flags given now (--device, --clip-cache, ...)."""
+    saved = {}
+    if os.path.isfile(os.path.join(out, "config.json")):
+        try:
+            saved = json.load(open(os.path.join(out, "config.json")))
+        except (OSError, ValueError):
+            pass
+    names = {f.name for f in fields(Config)}
+    values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
+    values |= {k: v for k, v in overrides.items() if k in RUN_ONLY_FIELDS and v is not None}
+    cfg = Config(**values | dict(output_dir=out, resume=False, overwrite=False, dry_run=False, bench=False))
+    validate(cfg)
+    return cfg
+
+
+def predict(args: dict) -> dict:
+    """--predict IMAGE ... --output-dir RUN: route and classify each image as the run's evaluation would (DDAS
+    per image, or per batch of these images with --ddas-per-batch; else the run's router) among the classes the
+    run has learned (MTIL: the chosen task's; the untouched CLIP: all learned ones). Prints each image's route
+    and top 5, writes RUN/predictions.jsonl and returns {"predictions": [{"image", "route", "top5"}, ...]}."""
+    from PIL import Image
+    out, paths = args.get("output_dir") or "", args["predict"]
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if not out or not os.path.isdir(out):
+        raise UsageError(f"--predict needs --output-dir RUN, the folder of a trained run; {out or 'none'} is not one")
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--predict: {out} holds no checkpoint.pt (a run saves it after its first task): "
+                         f"train there first, or name another --output-dir")
+    ckpt = read_checkpoint(ckpt_path, None)
+    cfg = run_config(out, ckpt, args)
+    problems, images = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except IsADirectoryError:
+            problems.append(f"{path} is a folder, not an image file")
+        except FileNotFoundError:
+            problems.append(f"{path}: no such file")
+        except Exception as e:  # PIL.UnidentifiedImageError, a truncated file
+            problems.append(f"{path} is not a readable image ({type(e).__name__})")
+    if problems:
+        raise UsageError("; ".join(problems) + ": pass image files (PNG, JPEG, ...)")
+    if missing_weights(cfg, fetch=True):
+        raise UsageError("; ".join(missing_weights(cfg, fetch=False)))
+    meta = ckpt.get("classes") or {}
+    bench = Benchmark(**meta, train=None, test=None, train_labels=None, test_labels=None) if meta else load_benchmark(
+        cfg, ARCHS[cfg.clip_model][1])
+    T, t = len(bench.splits), ckpt["next_task"] - 1  # t: the last completed task
+    if t < T - 1:
+        print(f"{out} stopped after task {t + 1} of {T}: predicting with what it learned until then",
+              file=sys.stderr)
+    device = resolve_device(cfg)
+    seed_everything(cfg.seed)  # --clip-weights random: the run's random CLIP
+    model = load_clip(cfg)
+    if cfg.method != "zeroshot":
+        add_moe_adapters(model, cfg)
+    selector = TaskSelector(cfg, model, T) if cfg.ddas else None
+    load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
+    model.to(device).eval()
+    transform = transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1]
+    x = torch.stack([transform(image) for image in images]).to(device)
+    with torch.no_grad():
+        if selector is not None:
+            r = selector.to(device).select(x)
+        else:  # without DDAS, per-task routers need the task id, which an image does not have: the last task's
+            fixed = None if cfg.method == "zeroshot" else t if cfg.routers == "per-task" else 0
+            r = torch.full((len(x),), -1 if fixed is None else fixed, device=device)
+        img = F.normalize(encode_images(model, x, r).float(), dim=-1)
+        predictions = []
+        for path, q, f in zip(paths, r.tolist(), img):
+            tasks = [q] if bench.kind == "mtil" and q >= 0 else list(range(t + 1))
+            text = class_embeddings(model, bench, None if q < 0 else q, device, cfg, tasks)
+            probs = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0)
+            top = probs.topk(min(5, len(probs)))
+            names = [n for k in tasks for n in bench.class_names[slice(*bench.splits[k])]]
+            where = "untouched CLIP" if q < 0 else "the shared router" if cfg.routers == "shared" else \
+                f"router of task {q}" + (f" ({bench.task_names[q]})" if bench.task_names else "")
+            predictions.append({"image": path, "route": where, "router": None if q < 0 else q,
+                                "top5": [[names[i], round(float(p), 4)] for p, i in zip(top.values, top.indices)]})
+            print(f"{path}: {where}: " + ", ".join(f"{n} {p:.3f}" for n, p in predictions[-1]["top5"]))
+    atomic_write(os.path.join(out, "predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in predictions))
+    return {"predictions": predictions}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = vars(build_parser().parse_args(argv))
+        if args.get("predict"):
+            return predict(args)
         if not argv or args.pop("demo"):
-            return run_demo({k: v for k, v in args.items() if k != "demo"})
+            return run_demo({k: v for k, v in args.items() if k not in ("demo", "predict")})
         return run(resolve_config(args))
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank finds the same error

@@ -2335,3 +2335,102 @@ def test_gpu_two_processes_with_nccl_match_one_process(tmp_path):
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     for key, tolerance in (("last", 4.0), ("avg", 3.0)):  # as the gloo test: the ranks draw their own noise
         assert abs(one[-1][key] - two[-1][key]) <= tolerance, (key, one[-1], two[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# 18. Using a trained run: --predict, and the pictures
+# ------------------------------------------------------------------------------------------------
+
+def save_png(img: torch.Tensor, path) -> torch.Tensor:
+    """A CLIP-normalised image as an 8-bit PNG; returns the tensor the PNG holds (what a reader gets back)."""
+    rgb = np.clip(np.round(unnormalise(img)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb.transpose(1, 2, 0)).save(path)
+    mean, std = torch.tensor(M.CLIP_MEAN)[:, None, None], torch.tensor(M.CLIP_STD)[:, None, None]
+    return (torch.from_numpy(rgb).float() / 255 - mean) / std
+
+
+def test_predict_routes_and_classifies_saved_images_as_evaluate_does(small_run, small_synthetic, tmp_path, capsys):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    cfg = M.run_config(run_dir, torch.load(ckpt_path, map_location="cpu", weights_only=True), {})
+    model, bench = new_model_and_bench(cfg)
+    selector = M.TaskSelector(cfg, model, 4)
+    M.load_checkpoint(ckpt_path, model, cfg, selector)
+    model.eval()
+    files, xs = [], []
+    for j in range(4):  # two test images of every task, through 8-bit PNG files
+        for i in bench.subset("test", j).indices[:2]:
+            files.append(str(tmp_path / f"task{j}-{i}.png"))
+            xs.append(save_png(bench.test[i][0], files[-1]))
+    x = torch.stack(xs)
+    with torch.no_grad():  # what evaluate does with these images: DDAS per image, then its router's classes
+        r = selector.select(x)
+        logits = M.classify(model, cfg, x, r, lambda q: M.class_embeddings(model, bench, q, CPU, cfg))
+    capsys.readouterr()
+    out = M.main(["--predict"] + files + ["--output-dir", run_dir])
+    printed = capsys.readouterr().out.splitlines()
+    assert [p["router"] for p in out["predictions"]] == [None if q < 0 else q for q in r.tolist()]
+    assert len(set(r.tolist())) > 1  # a mix of routes
+    assert [p["top5"][0][0] for p in out["predictions"]] == [bench.class_names[k] for k in logits.argmax(1)]
+    for p, line in zip(out["predictions"], printed):
+        probs = [q for _, q in p["top5"]]
+        assert len(p["top5"]) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert line.startswith(p["image"] + ": " + p["route"]) and p["top5"][0][0] in line
+        assert p["route"] == ("untouched CLIP" if p["router"] is None else f"router of task {p['router']}")
+    assert read_jsonl(os.path.join(run_dir, "predictions.jsonl")) == out["predictions"]
+    # a run stopped after its second task predicts with what it had learned then, and says so
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["next_task"] = 2
+    torch.save(ckpt, ckpt_path)
+    early = M.main(["--predict"] + files[:4] + ["--output-dir", run_dir])
+    assert "stopped after task 2 of 4" in capsys.readouterr().err
+    learned = set(bench.class_names[:bench.splits[1][1]])
+    assert all(name in learned for p in early["predictions"] for name, _ in p["top5"])
+
+
+def test_predict_refuses_bad_input_in_one_line(small_run, tmp_path, capsys):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    line = assert_usage_error(capsys, ["--predict", str(text), str(tmp_path), str(tmp_path / "none.png"),
+                                       "--output-dir", run_dir])
+    for fragment in (f"{text} is not a readable image", f"{tmp_path} is a folder", f"{tmp_path / 'none.png'}: no such"):
+        assert fragment in line, fragment
+    assert_usage_error(capsys, ["--predict", str(text), "--output-dir", str(tmp_path / "nowhere")], "--output-dir")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(capsys, ["--predict", str(text), "--output-dir", str(empty)], "no checkpoint.pt")
+    assert not (empty / "predictions.jsonl").exists()
+
+
+def png_size(path) -> tuple:
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24]), len(data)
+
+
+def test_every_run_draws_its_matrix_and_curve_and_runs_without_matplotlib(small_run, small_synthetic, tmp_path,
+                                                                          monkeypatch, capsys):
+    for name in ("accuracy_matrix.png", "accuracy_curve.png"):
+        (width, height), size = png_size(os.path.join(small_run[0], name))
+        assert 250 <= width <= 3000 and 200 <= height <= 3000 and size > 5000, (name, width, height, size)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    M.warn_once.cache_clear()
+    capsys.readouterr()
+    summary = M.main(SMALL_RUN_ARGS + ["--no-ddas", "--output-dir", str(tmp_path / "plain")])
+    err = capsys.readouterr().err
+    assert err.count("matplotlib is not installed") == 1 and "pip install matplotlib" in err
+    assert len(summary["accuracy_matrix"]) == 4 and not list((tmp_path / "plain").glob("*.png"))
+    M.warn_once.cache_clear()
+
+
+def test_reported_curves_are_the_authors_per_step_accuracies():
+    curves = {k: [float(a) for a in v.split()] for k, v in M.REPORTED_CURVES.items()}
+    assert {k: len(v) for k, v in curves.items()} == {("cifar100", 10): 10, ("cifar100", 20): 20, ("cifar100", 50): 50,
+                                                      ("tinyimagenet", 20): 21, ("tinyimagenet", 10): 11,
+                                                      ("tinyimagenet", 5): 6}
+    # the last step is each setting's reported Last (spec 7.1), their mean its Avg
+    for key, (last, avg) in {("cifar100", 10): (77.52, 85.21), ("cifar100", 20): (76.20, 83.72),
+                             ("cifar100", 50): (75.24, 83.77), ("tinyimagenet", 20): (75.77, 79.96),
+                             ("tinyimagenet", 10): (76.35, 80.23), ("tinyimagenet", 5): (76.87, 81.12)}.items():
+        assert curves[key][-1] == last and np.mean(curves[key]) == pytest.approx(avg, abs=0.01), key
