@@ -765,15 +765,12 @@ def demo_run(clip_cache, tmp_path_factory):
     return proc, out, cwd
 
 
-DEMO_ROW = re.compile(r"^(?P<label>\S.*?)\s+(?P<avg>-?\d+\.\d+)\s+(?P<last>-?\d+\.\d+)\s+(?P<forgetting>-?\d+\.\d+)"
-                      r"\s+(?P<seconds>\d+\.\d+)\s*$")
+CELL = r"\s+(-?\d+\.\d+) ± (\d+\.\d+)"  # mean ± std over the demo's seeds
+DEMO_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 3 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
+MTIL_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 4 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
 
 
-MTIL_ROW = re.compile(r"^(?P<label>\S.*?)\s+(?P<transfer>-?\d+\.\d+)\s+(?P<avg>-?\d+\.\d+)\s+(?P<last>-?\d+\.\d+)"
-                      r"\s+(?P<forgetting>-?\d+\.\d+)\s+(?P<seconds>\d+\.\d+)\s*$")
-
-
-def parse_table(lines, header, pattern):
+def parse_table(lines, header, pattern, keys):
     start = [i for i, ln in enumerate(lines) if ln.split()[:len(header)] == header]
     assert len(start) == 1, lines
     table = {}
@@ -782,36 +779,49 @@ def parse_table(lines, header, pattern):
             break
         m = pattern.match(line)
         if m:
-            table[m["label"]] = {k: float(v) for k, v in m.groupdict().items() if k != "label"}
+            numbers = [float(v) for v in m.groups()[1:-1]]
+            table[m["label"]] = {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
     return table
 
 
 def test_demo_prints_table_matching_each_methods_metrics(demo_run):
+    """Each row is the mean ± sample std over the seeds' own metrics.jsonl; zeroshot (no training) runs once."""
     proc, out, cwd = demo_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    table = parse_table(lines, ["method", "Avg", "Last", "Forgetting", "seconds"], DEMO_ROW)
-    assert set(table) == {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"}, proc.stdout
-    for label, vals in table.items():
-        rows = read_jsonl(out / "synthetic" / label.replace(" ", "-") / "metrics.jsonl")
-        assert len(rows) == 5 and set(rows[-1]) == {"last", "avg", "eval_images", "eval_prompts"}, label
-        assert abs(vals["avg"] - rows[-1]["avg"]) <= 0.01 and abs(vals["last"] - rows[-1]["last"]) <= 0.01, label
-        assert abs(vals["forgetting"] - rows[-2]["forgetting"]) <= 0.01, label
-        assert 0 <= vals["last"] <= 100 and 0 <= vals["avg"] <= 100
-    mtil = parse_table(lines, ["method", "Transfer", "Avg", "Last", "Forgetting", "seconds"], MTIL_ROW)
-    assert set(mtil) == {"zeroshot", "finetune", "moe-adapters"}, proc.stdout
-    for label, vals in mtil.items():
-        rows = read_jsonl(out / "synthetic-mtil" / label / "metrics.jsonl")
-        assert set(rows[-1]) == {"transfer", "avg", "last", "eval_images", "eval_prompts"}, label
-        for k in ("transfer", "avg", "last"):
-            assert abs(vals[k] - rows[-1][k]) <= 0.01, (label, k)
+    for benchmark, header, pattern, keys, labels in (
+            ("synthetic", ["method", "Avg", "Last", "Forgetting", "seconds"], DEMO_ROW, ("avg", "last", "forgetting"),
+             {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"}),
+            ("synthetic-mtil", ["method", "Transfer", "Avg", "Last", "Forgetting", "seconds"], MTIL_ROW,
+             ("transfer", "avg", "last", "forgetting"), {"zeroshot", "finetune", "moe-adapters"})):
+        table = parse_table(lines, header, pattern, keys)
+        assert set(table) == labels, proc.stdout
+        for label, vals in table.items():
+            seeds = [0] if label == "zeroshot" else list(M.DEMO_SEEDS)
+            runs = [read_jsonl(out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "metrics.jsonl") for s in seeds]
+            assert all(len(r) == 5 and {"avg", "last"} <= set(r[-1]) for r in runs), label
+            per_seed = {k: [r[-2 if k == "forgetting" else -1][k] for r in runs] for k in keys}
+            for k, (mean, std) in vals.items():
+                assert abs(mean - np.mean(per_seed[k])) <= 0.01, (benchmark, label, k)
+                assert abs(std - (np.std(per_seed[k], ddof=1) if len(seeds) > 1 else 0)) <= 0.01, (benchmark, label, k)
+            configs = [json.loads((out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "config.json").read_text())
+                       for s in seeds]
+            assert [c["seed"] for c in configs] == seeds
+        if benchmark == "synthetic":
+            cil = table
+        else:
+            mtil = table
     demo_txt = (out / "demo.txt").read_text()
     assert demo_txt.strip() in proc.stdout
+    (width, height), size = png_size(out / "demo.png")
+    assert width >= 600 and height >= 300 and size > 10000
     assert not (cwd / "runs").exists()  # everything went under --output-dir
-    # the point of the method: adapting beats the untouched CLIP on average over the tasks, and with
-    # DDAS the multi-domain run forgets less than sequential fine-tuning
-    assert table["moe-adapters"]["avg"] > table["zeroshot"]["avg"], table
-    assert mtil["moe-adapters"]["forgetting"] < mtil["finetune"]["forgetting"], mtil
+    # what holds beyond the spread over the seeds: training beats the untouched CLIP on Avg, and with DDAS the
+    # multi-domain run forgets less than sequential fine-tuning and keeps more of CLIP's zero-shot Transfer
+    beyond = lambda a, b: a[0] - a[1] > b[0] + b[1]
+    assert beyond(cil["moe-adapters"]["avg"], cil["zeroshot"]["avg"]), cil
+    assert beyond(mtil["finetune"]["forgetting"], mtil["moe-adapters"]["forgetting"]), mtil
+    assert beyond(mtil["moe-adapters"]["transfer"], mtil["finetune"]["transfer"]), mtil
 
 
 def test_demo_stderr_is_clean(demo_run):
