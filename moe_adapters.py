@@ -1944,10 +1944,11 @@ def continual_metrics(A: list, n: list, t: int) -> dict:
       acc        = sum_{j<=t} n_j A[t][j] / sum_{j<=t} n_j     accuracy on all classes seen so far
       avg_acc    = mean_{i<=t} acc_i                           average incremental accuracy ("Avg")
       forgetting = mean_{j<t} (max_{j<=l<t} A[l][j] - A[t][j])  (Chaudhry et al. 2018; 0 at t=0)
-      bwt        = mean_{j<i<=t} (A[i][j] - A[j][j])           backward transfer (Lopez-Paz & Ranzato 2017)
+      bwt        = mean_{j<i<=t} (A[i][j] - A[j][j])           backward transfer over all pairs (Diaz-Rodriguez
+                                                               et al. 2018), not GEM's last-row BWT
       fwt        = mean_{1<=i<=t} A[i-1][i]                    next task before training on it (GEM, no baseline)
-    These are the textbook definitions; continuum's own forgetting/bwt (in the authors' logs) differ slightly.
-    """
+    The authors' logs come from continuum 1.2.7, whose forgetting and bwt leave out a few pairs and whose fwt is
+    another quantity (the README, Metrics, gives its formulas)."""
     A = np.asarray(A, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     accs = [float((A[i, :i + 1] * n[:i + 1]).sum() / n[:i + 1].sum()) for i in range(t + 1)]
@@ -1963,7 +1964,9 @@ def mtil_metrics(matrix) -> dict:
     training order; spec 6.2, as ZSCL's notebook):
       transfer = mean_{j>=1} mean_{i<j} A[i][j]   (the strict upper triangle: before data set j is learned)
       avg      = mean of all entries
-      last     = mean of the last row"""
+      last     = mean of the last row
+    Unweighted over the data sets; the per-task rows' acc / avg_acc weigh the seen data sets by their test
+    images (the class-incremental formulas), so the two are never to be compared."""
     A = np.asarray(matrix, dtype=np.float64)
     transfer = float(np.mean([A[:j, j].mean() for j in range(1, A.shape[1])])) if A.shape[1] > 1 else float("nan")
     return {"transfer": transfer, "avg": float(A.mean()), "last": float(A[-1].mean())}

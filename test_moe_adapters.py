@@ -1065,7 +1065,9 @@ def test_full_preset_run_records_where_ddas_sent_each_task(small_run):
     assert all(r["routing"].startswith("per-task routers chosen per image by DDAS") for r in rows)
     for t, r in enumerate(rows):
         dest = r["routes"]["destinations"]
-        assert [sum(d) for d in dest] == [8 * SMALL_TEST_PER_CLASS] * 4
+        assert [d is None for d in dest] == [j > t + 1 for j in range(4)]  # tasks no metric needs: not evaluated
+        dest = [d for d in dest if d is not None]
+        assert [sum(d) for d in dest] == [8 * SMALL_TEST_PER_CLASS] * min(t + 2, 4)
         assert all(d[k + 1] == 0 for d in dest for k in range(t + 1, 4))  # no untrained router is used
         own = sum(dest[j][j + 1] for j in range(t + 1)) / sum(sum(dest[j]) for j in range(t + 1))
         assert r["routes"]["own_router"] == pytest.approx(own)
@@ -1307,7 +1309,7 @@ def test_mtil_mnist_eurosat_dtd_loaders_on_fake_data(tmp_path):
 def test_ddas_sends_learned_domains_to_their_router_and_unseen_domains_to_clip(clip_cache):
     """Synthetic multi-domain world, autoencoders of the first two domains (photo, on white) trained: held-out
     images of each go mostly to their own router, images of the two unseen domains mostly to the untouched CLIP.
-    Measured at seed 0: own 0.865 / 0.898, unseen -> CLIP 0.583 (outline) and 0.735 (noisy)."""
+    Measured at seed 0 (50 DDAS steps): own 0.875 / 0.900, unseen -> CLIP 0.692 (outline) and 0.757 (noisy)."""
     cfg = M.resolve_config(dict(dataset="synthetic-mtil", clip_cache=clip_cache))
     M.seed_everything(0)
     model = M.load_clip(cfg)
@@ -2104,8 +2106,8 @@ def test_two_processes_match_one_process_with_the_full_method(two_process_full_r
     assert abs(one_rows[-1]["last"] - 100 / 16) > 15  # both learned something (chance is 6.25%)
     # rank 0 alone wrote and printed
     assert sum("task 2/2" in ln for ln in two.stderr.splitlines()) == 1, two.stderr
-    assert sorted(os.listdir(base / "two")) == ["accuracy_matrix.csv", "checkpoint.pt", "config.json",
-                                                "metrics.jsonl"]
+    assert sorted(os.listdir(base / "two")) == ["accuracy_curve.png", "accuracy_matrix.csv", "accuracy_matrix.png",
+                                                "checkpoint.pt", "config.json", "metrics.jsonl"]
     ckpt = torch.load(base / "two" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["ddas"]["trained"].tolist() == [True, True]
     frozen = [v for k, v in ckpt["trainable"].items() if k.endswith("moe.frozen")]
