@@ -31,12 +31,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import functools
 import importlib.util
 import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -235,24 +237,37 @@ def resolve_config(args: dict) -> Config:
         values[name] = os.path.expanduser(values[name])  # "~/runs" means the home folder for every path flag
     cfg = Config(**values)
     validate(cfg)
+    for name in given:
+        if name in ACTS_ONLY_WITH and not ACTS_ONLY_WITH[name][1](cfg):
+            raise UsageError(f"--{name.replace('_', '-')} does nothing without {ACTS_ONLY_WITH[name][0]}: drop it")
     return cfg
 
 
+BOUNDS = {  # integer flags: the range a run can take
+    "tasks": (1, 1000), "experts": (1, 1024), "top_k": (1, 1024), "bottleneck": (1, 65536), "epochs": (1, 10**4),
+    "iterations": (0, 10**8), "batch_size": (1, 1 << 20), "eval_batch_size": (1, 1 << 20), "workers": (0, 256),
+    "freeze_top": (1, 1024), "shots": (0, 10**6), "warmup": (0, 10**8), "seed": (0, 2**32 - 1),
+    "ddas_iters": (1, 10**8), "ddas_reference_iters": (1, 10**8), "ddas_hidden": (1, 1 << 20)}
+ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, they are refused
+    **{name: ("--dataset mtil", lambda c: c.dataset == "mtil") for name in ("shots", "order", "dataset_lr")},
+    "download": ("a real data set", lambda c: not c.dataset.startswith("synthetic")),
+    "eval_all_tasks": ("a class-incremental data set", lambda c: c.dataset != "mtil" and c.dataset != "synthetic-mtil"),
+    "freeze_top": ("--freeze", lambda c: c.freeze),
+    **{name: ("--ddas", lambda c: c.ddas) for name in ("ddas_features", "ddas_weights", "ddas_threshold",
+                                                     "ddas_quantile", "ddas_per_batch", "ddas_all_autoencoders",
+                                                     "ddas_reference", "ddas_iters", "ddas_reference_iters",
+                                                     "ddas_lr", "ddas_hidden", "ddas_step_lr")}}
+
+
 def validate(cfg: Config) -> None:
-    if cfg.iterations < 0:
-        raise UsageError(f"--iterations must be >= 0, got {cfg.iterations}")
-    for name in ("tasks", "experts", "top_k", "bottleneck", "epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name, (lo, hi) in BOUNDS.items():
+        if not lo <= getattr(cfg, name) <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(cfg, name)}")
     for f in fields(Config):
         if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
             raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     if cfg.lr <= 0:
         raise UsageError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.workers < 0 or cfg.freeze_top < 1:
-        raise UsageError("--workers must be >= 0 and --freeze-top >= 1")
     if cfg.top_k > cfg.experts:
         raise UsageError(f"--top-k {cfg.top_k} is greater than --experts {cfg.experts}: choose top-k <= experts")
     if cfg.freeze and cfg.freeze_top > cfg.experts:
@@ -261,8 +276,6 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--dataset synthetic-mtil has {len(SYN_STYLES)} domains: drop --tasks or use --tasks 4")
     if cfg.dataset == "mtil" and cfg.tasks != 11:
         raise UsageError("--dataset mtil is 11 data sets, one task each: drop --tasks (see --order)")
-    if cfg.shots < 0:
-        raise UsageError(f"--shots must be >= 0, got {cfg.shots}")
     n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES), "mtil": 11,
                  "synthetic-mtil": len(SYNTHETIC_TASK_CLASSES)}[cfg.dataset]
     if n_classes % cfg.tasks:
@@ -306,8 +319,8 @@ def validate(cfg: Config) -> None:
                          "--ddas-threshold auto cannot rank them: give a number (the authors: 0.0655)")
     if not 0 < cfg.ddas_quantile <= 1:
         raise UsageError(f"--ddas-quantile must be in (0, 1], got {cfg.ddas_quantile}")
-    if min(cfg.ddas_iters, cfg.ddas_reference_iters, cfg.ddas_hidden, cfg.ddas_lr) <= 0:
-        raise UsageError("--ddas-iters, --ddas-reference-iters, --ddas-hidden and --ddas-lr must be positive")
+    if cfg.ddas_lr <= 0:
+        raise UsageError(f"--ddas-lr must be positive, got {cfg.ddas_lr}")
     if cfg.ddas_reference and not cfg.ddas:
         raise UsageError("--ddas-reference is a DDAS option: add --ddas (e.g. --preset full or mtil)")
     if cfg.resume and cfg.overwrite:
@@ -1543,9 +1556,12 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
             model.logit_scale.clamp_(0, math.log(100))
     torch.set_rng_state(rng_state)
     state = model.state_dict()
-    os.makedirs(cache, exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        atomic_save(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, UsageError) as e:
+        warn_once(f"cannot cache the tiny CLIP in {cache} ({getattr(e, 'strerror', None) or e}): going on with the "
+                  f"weights in memory; the next run pretrains it again")
     return state
 
 
@@ -1600,6 +1616,14 @@ def preflight(cfg: Config) -> Benchmark:
             bench = load_benchmark(cfg, ARCHS[cfg.clip_model][1])
         except UsageError as e:
             problems.append(str(e))
+    if bench is not None:  # every prompt the run will encode fits the text tower's context
+        context = ARCHS[cfg.clip_model][5]
+        n, prompt = max((len(clip.clip._tokenizer.encode(tpl.format(name))) + 2, tpl.format(name))
+                        for (lo, hi), templates in zip(bench.splits, bench.templates) for tpl in templates
+                        for name in bench.class_names[lo:hi])
+        if n > context:
+            problems.append(f"the prompt {prompt!r} is {n} tokens, more than the {context} of {cfg.clip_model}'s "
+                            f"text tower: shorten --prompt")
     problems += missing_weights(cfg, fetch=not problems)
     if problems:
         raise UsageError("; ".join(problems))
@@ -1788,6 +1812,10 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
         loss = train_step(net, model, opt, cfg, x.to(device, non_blocking=True), (y - lo).to(device), tokens, router)
+        if not bool(torch.isfinite(loss)):  # (one host sync per step) the adapters are lost: stop, keep the checkpoint
+            raise UsageError(f"the training loss became {loss.item()} at step {step + 1} of task {task + 1} (lr "
+                             f"{opt.param_groups[0]['lr']:.3g}): lower --lr or --adapter-scale; the checkpoint of "
+                             f"the last completed task is kept")
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if cfg.freeze:
@@ -2056,9 +2084,26 @@ def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None
 
 
 def atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_save(path, write)
+
+
+def atomic_save(path: str, write) -> None:
+    """write(path + '.tmp'), then rename it over path: a crash mid-write never leaves a half-written file. A full
+    disk stops the run in one line; the previous file is kept and the partial .tmp removed."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise UsageError(f"no space left on the device of {os.path.dirname(os.path.abspath(path))}: "
+                             f"{os.path.basename(path)} keeps its previous version; free some space, then "
+                             f"add --resume") from None
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2098,8 +2143,7 @@ def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict
             "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "stats": state["stats"],
             "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()}, "rng": rng_states(),
             "classes": classes}  # what --predict needs to name classes without the data
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint.pt
+    atomic_save(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
@@ -2145,8 +2189,47 @@ def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: T
 # Command line and main: the task loop, the dry run and the offline demo.
 # ------------------------------------------------------------------------------------------------
 
+def unwritable(path: str) -> str | None:
+    """Why a folder cannot be written at `path` (None: it can), found before any work and without creating it."""
+    if any(len(part.encode()) > 255 for part in os.path.abspath(path).split(os.sep)):
+        return f"--output-dir {path}: a name in it is longer than file systems allow (255 bytes)"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--output-dir {path} is under {parent}, which is a file"
+    probe = os.path.join(parent, f".moe-adapters-probe-{os.getpid()}")
+    try:  # os.access says yes to root where the file system says no: try it
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        return f"--output-dir {path}: {parent} is not writable ({e.strerror})"
+    return None
+
+
+def lock_holder(out: str) -> str | None:
+    """The live process (pid@host) that holds out/.lock, or None: no lock, ours, or left by a killed run."""
+    try:
+        pid, host = open(os.path.join(out, ".lock")).read().split()
+        if host != os.uname().nodename:
+            return f"{pid}@{host}"  # another machine's: it cannot be checked from here, so it stands
+        if int(pid) != os.getpid():
+            os.kill(int(pid), 0)
+            return f"{pid}@{host}"
+    except (OSError, ValueError):  # no lock file, a dead process (ProcessLookupError), an unreadable lock
+        pass
+    return None
+
+
+def release_lock(out: str) -> None:
+    if rank() == 0 and os.path.isfile(os.path.join(out, ".lock")) and lock_holder(out) is None:
+        os.remove(os.path.join(out, ".lock"))
+
+
 def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
-    """Never overwrite a saved run silently: a folder that holds one needs --resume or --overwrite."""
+    """Never overwrite a saved run silently (a folder that holds one needs --resume or --overwrite), never share
+    a folder with a running process (out/.lock), and refuse a folder that cannot be written, before any work.
+    With --overwrite the old run's files stay until the new run saves its first checkpoint over them."""
     if not cfg.output_dir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join("runs", f"{'bench' if cfg.bench else cfg.dataset}-{cfg.tasks}-{cfg.method}-{stamp}")
@@ -2155,6 +2238,9 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
             cfg.output_dir, i = f"{base}-{i}", i + 1
         cfg.output_dir = broadcast(cfg.output_dir)  # under torchrun: rank 0's name
     out = cfg.output_dir
+    problem = unwritable(out) if rank() == 0 else None
+    if problem:
+        raise UsageError(problem + ": choose another --output-dir")
     saved = [f for f in ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv", "bench.json")
              if os.path.exists(os.path.join(out, f))]
     if cfg.resume and "checkpoint.pt" not in saved:
@@ -2162,6 +2248,9 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     if saved and not cfg.resume and not cfg.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(saved)}): add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --output-dir")
+    holder = lock_holder(out) if rank() == 0 else None
+    if holder:
+        raise UsageError(f"{out} is in use by process {holder}: wait for it to end, or choose another --output-dir")
     if check_only:
         if cfg.resume:
             read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # refuse a foreign checkpoint before any download
@@ -2169,9 +2258,7 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     if rank() > 0:  # only rank 0 writes
         return out
     os.makedirs(out, exist_ok=True)
-    if cfg.overwrite:
-        for f in saved:
-            os.remove(os.path.join(out, f))
+    atomic_write(os.path.join(out, ".lock"), f"{os.getpid()} {os.uname().nodename}\n")
     return out
 
 
@@ -2205,6 +2292,29 @@ def fit_on_rank_zero(selector: TaskSelector, cfg: Config, images, slot: int, dev
     selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
 
 
+def run_label(cfg: Config) -> str:
+    """The benchmark and the method, as the demo table names them (e.g. "synthetic | moe-adapters full")."""
+    return f"{cfg.dataset} | {cfg.method}{' full' if cfg.preset == 'full' and cfg.method == 'moe-adapters' else ''}"
+
+
+def summary_line(state: dict, kind: str, partial: bool = False) -> str:
+    """Last / Avg / forgetting (class-incremental) or Transfer / Avg / Last (MTIL, of the rows so far; after the
+    last task the table's numbers), from the accuracy matrix."""
+    if kind == "mtil":
+        m = mtil_metrics(state["matrix"])
+        return f"Transfer {m['transfer']:.2f}  Avg {m['avg']:.2f}  Last {m['last']:.2f}"
+    r = state["rows"][-1]
+    return f"{'acc' if partial else 'Last'} {r['acc']:.2f}  Avg {r['avg_acc']:.2f}  forgetting {r['forgetting']:.2f}"
+
+
+def summary(state: dict, cfg: Config, bench: Benchmark, model: nn.Module, out: str) -> dict:
+    last = state["rows"][-1]
+    return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
+            "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
+            "tasks": len(bench.splits), "routing": routing_note(cfg), "routes": last.get("routes"),
+            "rows": state["rows"], "output_dir": out, "trainable_params": parameter_table(model)["trainable_params"]}
+
+
 def run(cfg: Config) -> dict:
     """One continual run: for each task, train, evaluate on every task, write metrics, checkpoint."""
     seed_everything(cfg.seed)
@@ -2214,8 +2324,7 @@ def run(cfg: Config) -> dict:
     if cfg.bench:
         return bench_run(cfg, device)
     main_rank = rank() == 0
-    if cfg.resume or cfg.output_dir:
-        prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
+    prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
     with rank_zero_first():
         bench = preflight(cfg)  # every missing data set or weights file named at once, before any work
         model = load_clip(cfg)
@@ -2230,22 +2339,31 @@ def run(cfg: Config) -> dict:
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic") and main_rank:
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
-    out = prepare_output_dir(cfg)
-    # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
-    state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
-        ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
-        state = {k: ckpt[k] for k in ("matrix", "counts", "rows", "stats", "clip_text")}
-        state["clip_text"] = {k: v.to(device) for k, v in state["clip_text"].items()}
-        model.to(device)
-        if main_rank:
-            write_metrics(out, state, T, bench.kind)
-            print(f"resuming {out} after task {len(state['rows'])}/{T}", file=sys.stderr)
+    out = prepare_output_dir(cfg)  # and takes its lock
+    try:
+        # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
+        state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0},
+                 "clip_text": {}}
+        ckpt_path = os.path.join(out, "checkpoint.pt")
+        if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
+            ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
+            state = {k: ckpt[k] for k in ("matrix", "counts", "rows", "stats", "clip_text")}
+            state["clip_text"] = {k: v.to(device) for k, v in state["clip_text"].items()}
+            model.to(device)
+            if main_rank:
+                write_metrics(out, state, T, bench.kind)
+                print(f"{out} is complete: {summary_line(state, bench.kind)}" if len(state["rows"]) == T else
+                      f"resuming {out} after task {len(state['rows'])} of {T}", file=sys.stderr)
+            if len(state["rows"]) == T:
+                return summary(state, cfg, bench, model, out)
+    except KeyboardInterrupt as e:  # main() turns it into one line and the command that resumes
+        e.where = (len(state["rows"]), T, out)
+        raise
+    finally:
+        release_lock(out)
     impl = adapters(model)[0].impl if adapters(model) else "none"  # what --moe-impl resolved to, after its check
     if main_rank:
-        atomic_write(os.path.join(out, "config.json"),
-                     json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
+        print(f"{run_label(cfg)}: writing to {out}", file=sys.stderr)
     net = TaskLogits(model)
     if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
@@ -2254,7 +2372,7 @@ def run(cfg: Config) -> dict:
         fit_on_rank_zero(selector, cfg, bench.reference, T, device, cfg.ddas_reference_iters,
                          bench.epoch_batches(-1))
     for t in range(len(state["rows"]), T):
-        if dist_on():  # each rank its own router noise and dropout, a function of (seed, task, rank) that resume repeats
+        if dist_on():  # each rank's own router noise and dropout, a function of (seed, task, rank) resume repeats
             torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
         if cfg.method != "zeroshot":
             train_task(model, cfg, bench, t, device, net)
@@ -2269,19 +2387,20 @@ def run(cfg: Config) -> dict:
         if cfg.routers == "per-task" and cfg.method == "moe-adapters":
             row["routes"] = routing_rates(sent, t)
         state["rows"].append(row)
-        if main_rank:
+        if main_rank:  # the first save of an --overwrite run replaces the old run's files
             save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector, bench)
             write_metrics(out, state, T, bench.kind)
-            print(f"[{cfg.method}] task {t + 1}/{T}: acc {row['acc']:.2f}  avg {row['avg_acc']:.2f}  "
-                  f"forgetting {row['forgetting']:.2f}", file=sys.stderr)
+            atomic_write(os.path.join(out, "config.json"),
+                         json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
+            for stale in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl", "bench.json"):
+                if cfg.overwrite and len(state["rows"]) == 1 and os.path.exists(os.path.join(out, stale)):
+                    os.remove(os.path.join(out, stale))
+            print(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}",
+                  file=sys.stderr)
     if main_rank:
         write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
-    last = state["rows"][-1]
-    return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
-            "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
-            "tasks": T, "routing": routing_note(cfg), "routes": last.get("routes"), "rows": state["rows"],
-            "output_dir": out,
-            "trainable_params": parameter_table(model)["trainable_params"]}
+        print(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}", file=sys.stderr)
+    return summary(state, cfg, bench, model, out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2420,6 +2539,7 @@ def bench_run(cfg: Config, device: torch.device) -> dict:
         lines.append(f"{k:<44}{got:>10}   target {'<=' if how == 'max' else '>='} {v}")
     print("\n".join(lines))
     atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=1) + "\n")
+    release_lock(out)
     return result
 
 
@@ -2604,6 +2724,24 @@ def predict(args: dict) -> dict:
     return {"predictions": predictions}
 
 
+def resume_config(args: dict) -> Config:
+    """--resume --output-dir D: the run's configuration comes from its checkpoint; a flag given now that
+    contradicts it is refused by name (flags that change nothing computed, such as --device, may differ)."""
+    out = os.path.expanduser(args["output_dir"])
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
+    if args.get("overwrite"):
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
+    for k, v in args.items():
+        v = os.path.expanduser(v) if k in ("clip_weights", "ddas_weights") and v else v
+        if v is not None and k in ckpt["config"] and v != ckpt["config"][k]:
+            raise UsageError(f"--{k.replace('_', '-')} {v!r} contradicts the run in {out}, which has "
+                             f"{ckpt['config'][k]!r}: drop the flag (--resume takes the run's own settings)")
+    cfg = run_config(out, ckpt, args)
+    return dataclasses.replace(cfg, resume=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -2612,11 +2750,21 @@ def main(argv: list[str] | None = None) -> dict:
             return predict(args)
         if not argv or args.pop("demo"):
             return run_demo({k: v for k, v in args.items() if k not in ("demo", "predict")})
-        return run(resolve_config(args))
+        return run(resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args))
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank finds the same error
-            print(f"moe_adapters.py: error: {e}", file=sys.stderr)
+            # (raised in a DataLoader worker, the message arrives after that worker's traceback: its last line)
+            print(f"moe_adapters.py: error: {str(e).strip().splitlines()[-1].split('UsageError: ')[-1]}",
+                  file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, and how to go on
+        done, T, out = getattr(e, "where", (0, 0, ""))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("moe_adapters.py: interrupted " + (
+                f"during task {done + 1} of {T}; resume with: python moe_adapters.py --resume --output-dir "
+                f"{shlex.quote(out)}" if out and os.path.isfile(os.path.join(out, "checkpoint.pt")) else
+                "before its first task was saved: nothing to resume, run the command again"), file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if dist_on():
             torch.distributed.destroy_process_group()
