@@ -16,11 +16,14 @@ offline synthetic world with a tiny CLIP so that everything runs on a laptop. Th
 as a readable loop, as batched matrix products, or as one fused Triton kernel on CUDA; training runs
 data-parallel on several GPUs under torchrun; --bench measures the speed.
 
-    python moe_adapters.py                                   # offline demo, ~1.5 min on 2 CPU cores
+    python moe_adapters.py                                   # offline demo (--demo), ~2 min on 2 CPU cores
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
+    python moe_adapters.py --dataset mtil --order I          # MTIL, the 11 data sets under --data-root
     torchrun --nproc_per_node 4 moe_adapters.py --dataset cifar100 --tasks 10   # on 4 GPUs
+    python moe_adapters.py --resume --output-dir RUN         # continue a stopped run
+    python moe_adapters.py --predict IMG.jpg --output-dir RUN   # route and classify images with a trained run
     python moe_adapters.py --bench --clip-weights random     # speed of every part on this device
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~2.5 min on 2 CPU cores
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~6 min on 2 CPU cores
 
 Sections: config | CLIP backbone | experts and routers | the mixture (loop, batched, fused kernel) |
 task selector (DDAS) | data | training one task (and data parallelism) | evaluation and metrics |
@@ -74,7 +77,7 @@ class UsageError(Exception):
 @dataclass
 class Config:
     # what to run
-    dataset: str = "cifar100"          # cifar100 | tinyimagenet | synthetic
+    dataset: str = "cifar100"          # cifar100 | tinyimagenet | mtil (11 data sets) | synthetic, synthetic-mtil (offline)
     tasks: int = 10                    # CIFAR-100/synthetic: number of tasks; TinyImageNet: steps after the 100-class base
     method: str = "moe-adapters"       # moe-adapters | finetune (one adapter per block, trained sequentially) | zeroshot
     preset: str = ""                   # cil (authors' CIL config) | full (22 experts, per-task routers, freeze); "" = dataset default
@@ -144,7 +147,7 @@ CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthet
            "method": ["moe-adapters", "finetune", "zeroshot"], "ddas_features": ["alexnet", "clip"],
            "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"],
            "moe_impl": ["auto", "loop", "batched", "triton"],
-           "device": ["auto", "cpu", "cuda"]}
+           "device": ["auto", "cpu", "cuda"], "clip_model": ["tiny"] + [m for m in clip.available_models() if "ViT" in m]}
 
 # The authors' class-incremental configuration (spec 5.1, quirk Q5): a dense mixture of 2 experts
 # under one shared router, nothing frozen. Batch 64 for CIFAR-100 2-2 and TinyImageNet (see resolve).
@@ -180,14 +183,22 @@ RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "bench", "dev
                    "clip_cache", "moe_impl"}  # (--workers and --eval-batch-size stay: they change how random numbers are drawn)
 
 
+HELP_SETTINGS = {"cifar100": dict(dataset="cifar100"), "--preset full": dict(dataset="cifar100", preset="full"),
+                 "mtil": dict(dataset="mtil"), "synthetic": dict(dataset="synthetic")}  # what --help shows values for
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, one flag per Config field; help text comes from the field's comment."""
-    comments = {}
-    try:  # the one-line comment beside each field is its help text
+    """The command line, one flag per Config field, grouped as the fields are; the help text is the field's
+    comment, with the value the flag takes in the common settings, and the header's commands at the end."""
+    comments, groups, group = {}, {}, "what to run"
+    try:  # the comment above a run of fields names their group; the one beside a field is its help
         import inspect
-        for line in inspect.getsource(Config).splitlines():
-            if ":" in line and "#" in line and not line.strip().startswith("#"):
-                comments[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+        for line in inspect.getsource(Config).splitlines()[2:]:
+            if line.strip().startswith("# "):
+                group = line.strip()[2:]
+            elif ":" in line and "#" in line:
+                name = line.split(":")[0].strip()
+                comments[name], groups[name] = line.split("#", 1)[1].strip(), group
     except (OSError, TypeError):  # source not available (e.g. pasted into a notebook)
         pass
 
@@ -195,16 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
         def error(self, message):  # argparse prints usage + error; we print one line
             raise UsageError(f"{message} (see --help)")
 
-    p = OneLineParser(prog="moe_adapters.py", description=__doc__.split("\n\n")[0] + " With no arguments: the "
-                      "offline demo.")
+    commands = next(block for block in __doc__.split("\n\n") if block.lstrip().startswith("python"))
+    p = OneLineParser(prog="moe_adapters.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                      usage="%(prog)s [--demo | --predict IMAGE ... --output-dir RUN | --dataset NAME [options]]",
+                      description=__doc__.split("\n\n")[0] + " With no arguments (or --demo): the offline demo.",
+                      epilog="commands:\n" + commands)
+    settings = {label: dataclasses.asdict(resolve_config(args)) for label, args in HELP_SETTINGS.items()}
+    sections = {}
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{comments.get(f.name, '')} [default: {f.default!r}, or the preset's]"
+        flag, values = "--" + f.name.replace("_", "-"), {label: v[f.name] for label, v in settings.items()}
+        shown = f"default {f.default!r}" if len(set(map(repr, values.values()))) == 1 else "; ".join(
+            f"{label}: {v!r}" for label, v in values.items())
+        help_text = f"{comments.get(f.name, '')} [{shown}]".replace("%", "%%")
+        section = sections.get(groups.get(f.name, "run")) or sections.setdefault(
+            groups.get(f.name, "run"), p.add_argument_group(groups.get(f.name, "run")))
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name), help=help_text)
+            section.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name),
+                                 help=help_text)
     p.add_argument("--demo", action="store_true", help="run the offline demo (also what no arguments do)")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="route and classify these images with the trained "
                    "run in --output-dir: top-5 classes of each, also written to predictions.jsonl")
@@ -1113,8 +1134,42 @@ class Relabeled(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        x, y = self.ds[i]
+        try:
+            x, y = self.ds[i]
+        except Exception as e:  # a truncated or foreign file, named (from a DataLoader worker too)
+            raise UsageError(f"{file_of(self.ds, i)} is not a readable image ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]}): replace or delete it") from None
         return x, int(self.position[y])
+
+
+def listed_files(ds) -> list:
+    """The image files a folder-based data set lists, in its order (none for CIFAR-100 and MNIST: arrays)."""
+    if isinstance(ds, TinyImageNetFolder):
+        return [path for path, _ in ds.items]
+    if hasattr(ds, "categories") and hasattr(ds, "index"):  # Caltech101 counts image_0001.jpg ... per category
+        return [os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
+                for y, i in zip(ds.y, ds.index)]
+    for attr in ("_image_files", "_images", "samples", "_samples"):
+        if hasattr(ds, attr):
+            return [str(item[0] if isinstance(item, tuple) else item) for item in getattr(ds, attr)]
+    return []
+
+
+def file_of(ds, i: int) -> str:
+    """The file behind item i, through the Subset and Transformed wrappers."""
+    if isinstance(ds, (torch.utils.data.Subset, Transformed)):
+        return file_of(ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds.ds, ds.indices[i])
+    files = listed_files(ds)
+    return files[i] if i < len(files) else f"item {i} of {type(ds).__name__}"
+
+
+def check_files(ds):
+    """Every listed image file exists (checked before the first task, not discovered in its middle)."""
+    missing = [path for path in listed_files(ds) if not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"{len(missing)} of its listed image files are missing (the first: {missing[0]}): "
+                         f"re-extract the data set")
+    return ds
 
 
 def to_rgb(image):  # a module-level function, so DataLoader workers can pickle the transform
@@ -1194,7 +1249,10 @@ def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
                          f"{os.path.dirname(base)}") from None
     if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
         raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
-    return ds
+    try:
+        return check_files(ds)
+    except UsageError as e:
+        raise UsageError(f"TinyImageNet in {base}: {e}") from None
 
 
 def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
@@ -1333,7 +1391,7 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
     import torchvision.datasets as D
     full = lambda ds: (ds, [c.replace("_", " ") for c in getattr(ds, "classes", None) or ds.categories])
     if name in ("Caltech101", "EuroSAT", "SUN397"):  # one folder, split 80/20 with seed 42
-        ds, names = full(getattr(D, name)(root, download=download))
+        ds, names = full(check_files(getattr(D, name)(root, download=download)))
         if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
             ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels),
                                                                 key=lambda item: str(item[0]))))
@@ -1353,11 +1411,11 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
                                                         transform=tf, download=download),
              # torchvision's StanfordCars refuses download=True whatever is on disk (its URL is gone)
              "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=False)}[name]
-    train, names = full(split("train", train_tf))
+    train, names = full(check_files(split("train", train_tf)))
     names = FLOWERS102_NAMES if name == "Flowers" else names
     if name == "MNIST":
         names = list(train.classes)  # "0 - zero", ... as torchvision names them
-    return train, split("test", test_tf), names
+    return train, check_files(split("test", test_tf)), names
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -1539,7 +1597,7 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     captions = [tokenize([tpl.format(syn_name(p)) for p in SYNTHETIC_PRETRAIN_CLASSES] + colours + shapes, "cpu")
                 for tpl in SYN_TEMPLATES]  # each template's captions of the pairs, then colours and shapes alone
-    for _ in tqdm(range(steps), desc="pretraining the tiny CLIP (once)", disable=None, leave=False):
+    for _ in progress(range(steps), "pretraining the tiny CLIP (once)"):
         y = torch.randint(len(pairs), (batch,), generator=gen)
         img = F.normalize(model.encode_image(render_shapes(pairs[y], gen)), dim=-1)
         tpl = int(torch.randint(len(SYN_TEMPLATES), (1,), generator=gen))
@@ -1656,6 +1714,7 @@ def reference_images(cfg: Config, resolution: int):
     else:
         ds = tiny_imagenet(cfg, "train", transforms(resolution)[0])
         labels = np.asarray(ds.targets)
+        ds = Relabeled(ds, np.arange(200))  # (its unreadable files named as the tasks' are)
     return (torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds), len(ds)
 
 
@@ -1758,8 +1817,31 @@ def rank_zero_first():
 
 
 def progress(iterable, desc: str):
-    """A progress bar on rank 0's terminal only."""
-    return tqdm(iterable, desc=desc, disable=None if rank() == 0 else True, leave=False)
+    """A progress bar on rank 0's terminal; where stderr is no terminal (a log, nohup, SLURM), a line every
+    30 s, or per 10% once 5 s have passed since the last one."""
+    if rank() > 0 or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, disable=rank() > 0, leave=False)
+    return LogProgress(iterable, desc)
+
+
+class LogProgress:
+    def __init__(self, iterable, desc: str):
+        self.iterable, self.desc, self.postfix = iterable, desc, ""
+
+    def set_postfix(self, **values):
+        self.postfix = "  " + "  ".join(f"{k} {v}" for k, v in values.items())
+
+    def __iter__(self):
+        total = len(self.iterable) if hasattr(self.iterable, "__len__") else 0
+        start = last = time.time()
+        shown = 0
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.time()
+            if now - last >= 30 or (total and now - last >= 5 and i - shown >= total / 10):
+                print(f"{self.desc}: {i}/{total or '?'} after {now - start:.0f} s{self.postfix}", file=sys.stderr,
+                      flush=True)
+                last, shown = now, i
 
 
 def train_step(net, model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tensor:
@@ -2356,51 +2438,52 @@ def run(cfg: Config) -> dict:
                       f"resuming {out} after task {len(state['rows'])} of {T}", file=sys.stderr)
             if len(state["rows"]) == T:
                 return summary(state, cfg, bench, model, out)
+        impl = adapters(model)[0].impl if adapters(model) else "none"  # what --moe-impl resolved to, after its check
+        if main_rank:
+            print(f"{run_label(cfg)}: writing to {out}", file=sys.stderr)
+        net = TaskLogits(model)
+        if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      forward_sync_buffers=False)  # usage counts: per rank, summed
+        if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
+            fit_on_rank_zero(selector, cfg, bench.reference, T, device, cfg.ddas_reference_iters,
+                             bench.epoch_batches(-1))
+        for t in range(len(state["rows"]), T):
+            if dist_on():  # each rank's own router noise and dropout, a function of (seed, task, rank) resume repeats
+                torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
+            if cfg.method != "zeroshot":
+                train_task(model, cfg, bench, t, device, net)
+            if selector is not None:
+                fit_on_rank_zero(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters,
+                                 bench.epoch_batches(t))
+            accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector, state["stats"],
+                                                   state["clip_text"])
+            state["matrix"].append(accs)
+            lo, hi = bench.splits[t]
+            row = continual_metrics(state["matrix"], state["counts"], t)
+            row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg), moe_impl=impl)
+            if cfg.routers == "per-task" and cfg.method == "moe-adapters":
+                row["routes"] = routing_rates(sent, t)
+            state["rows"].append(row)
+            if main_rank:  # the first save of an --overwrite run replaces the old run's files
+                save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector, bench)
+                write_metrics(out, state, T, bench.kind)
+                atomic_write(os.path.join(out, "config.json"),
+                             json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
+                for stale in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl", "bench.json"):
+                    if cfg.overwrite and len(state["rows"]) == 1 and os.path.exists(os.path.join(out, stale)):
+                        os.remove(os.path.join(out, stale))
+                print(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}",
+                      file=sys.stderr)
+        if main_rank:
+            write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
+            print(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}", file=sys.stderr)
+        return summary(state, cfg, bench, model, out)
     except KeyboardInterrupt as e:  # main() turns it into one line and the command that resumes
         e.where = (len(state["rows"]), T, out)
         raise
     finally:
         release_lock(out)
-    impl = adapters(model)[0].impl if adapters(model) else "none"  # what --moe-impl resolved to, after its check
-    if main_rank:
-        print(f"{run_label(cfg)}: writing to {out}", file=sys.stderr)
-    net = TaskLogits(model)
-    if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  forward_sync_buffers=False)  # usage counts stay per rank until summed
-    if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
-        fit_on_rank_zero(selector, cfg, bench.reference, T, device, cfg.ddas_reference_iters,
-                         bench.epoch_batches(-1))
-    for t in range(len(state["rows"]), T):
-        if dist_on():  # each rank's own router noise and dropout, a function of (seed, task, rank) resume repeats
-            torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
-        if cfg.method != "zeroshot":
-            train_task(model, cfg, bench, t, device, net)
-        if selector is not None:
-            fit_on_rank_zero(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters, bench.epoch_batches(t))
-        accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector, state["stats"],
-                                               state["clip_text"])
-        state["matrix"].append(accs)
-        lo, hi = bench.splits[t]
-        row = continual_metrics(state["matrix"], state["counts"], t)
-        row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg), moe_impl=impl)
-        if cfg.routers == "per-task" and cfg.method == "moe-adapters":
-            row["routes"] = routing_rates(sent, t)
-        state["rows"].append(row)
-        if main_rank:  # the first save of an --overwrite run replaces the old run's files
-            save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector, bench)
-            write_metrics(out, state, T, bench.kind)
-            atomic_write(os.path.join(out, "config.json"),
-                         json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
-            for stale in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl", "bench.json"):
-                if cfg.overwrite and len(state["rows"]) == 1 and os.path.exists(os.path.join(out, stale)):
-                    os.remove(os.path.join(out, stale))
-            print(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}",
-                  file=sys.stderr)
-    if main_rank:
-        write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
-        print(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}", file=sys.stderr)
-    return summary(state, cfg, bench, model, out)
 
 
 # ------------------------------------------------------------------------------------------------

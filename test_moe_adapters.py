@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -2447,3 +2448,199 @@ def test_reported_curves_are_the_authors_per_step_accuracies():
                              ("cifar100", 50): (75.24, 83.77), ("tinyimagenet", 20): (75.77, 79.96),
                              ("tinyimagenet", 10): (76.35, 80.23), ("tinyimagenet", 5): (76.87, 81.12)}.items():
         assert curves[key][-1] == last and np.mean(curves[key]) == pytest.approx(avg, abs=0.01), key
+
+
+# ------------------------------------------------------------------------------------------------
+# 19. Every fault a clean stop: nothing lost, one line, and a run that says where it is
+# ------------------------------------------------------------------------------------------------
+
+FAST = SMALL_RUN_ARGS + ["--no-ddas"]  # the small run without DDAS: a few seconds
+
+
+def assert_stops(capsys, argv, *fragments) -> str:
+    """A run that stops part-way: exit code 2, its error is one line (the last on stderr), no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        M.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("moe_adapters.py: error:") and all(f in line for f in fragments), (fragments, line)
+    return line
+
+
+def test_overwrite_interrupted_in_its_first_task_keeps_the_old_run(small_run, small_synthetic, tmp_path,
+                                                                   monkeypatch):
+    run_dir = copy_run(small_run[0], tmp_path / "run")
+    before = file_bytes(run_dir)
+    run_interrupted_at_task(monkeypatch, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--overwrite", "--lr", "0.02"], 0)
+    assert file_bytes(run_dir) == before  # config.json too: the new run had saved nothing yet
+    summary = M.main(SMALL_RUN_ARGS + ["--output-dir", run_dir, "--overwrite", "--lr", "0.02"])
+    assert json.loads(open(os.path.join(run_dir, "config.json")).read())["lr"] == 0.02
+    assert summary["accuracy_matrix"] != small_run[1]["accuracy_matrix"] and ".lock" not in os.listdir(run_dir)
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, clip_cache):
+    out = tmp_path / "run"
+    argv = [sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache, "--output-dir", str(out)]
+    first = subprocess.Popen(argv + ["--epochs", "12"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(argv + ["--overwrite"], capture_output=True, text=True, timeout=120)
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert second.stderr.splitlines() == [f"moe_adapters.py: error: {out} is in use by process {first.pid}@"
+                                          f"{os.uname().nodename}: wait for it to end, or choose another --output-dir"]
+    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 12
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text(f"{dead.pid} {os.uname().nodename}\n")  # left by a killed run
+    summary = M.main(FAST + ["--output-dir", str(stale)])
+    assert len(summary["accuracy_matrix"]) == 4 and not (stale / ".lock").exists()
+
+
+def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, small_run):
+    import signal
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache,
+                             "--output-dir", str(out), "--preset", "full"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"moe_adapters.py: interrupted during task [234] of 4; resume with: python moe_adapters.py "
+                        rf"--resume --output-dir {re.escape(str(out))}", last), last
+    assert not (out / ".lock").exists()
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", "--output-dir", str(out), "--clip-cache",
+                              clip_cache], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and len(read_jsonl(out / "metrics.jsonl")) == 5, resumed.stderr[-2000:]
+
+
+def test_output_folders_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "load_clip", lambda *a, **k: pytest.fail("the model was loaded"))
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    for out, fragment in (("/proc/moe-adapters-runs/a", "is not writable"), (str(regular / "run"), "which is a file"),
+                          (str(tmp_path / ("n" * 300)), "longer than file systems allow")):
+        assert_usage_error(capsys, FAST + ["--output-dir", out], fragment, "choose another --output-dir")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    home = M.resolve_config(dict(dataset="synthetic", output_dir="~/runs/a", data_root="~/data"))
+    assert (home.output_dir, home.data_root) == (os.path.expanduser("~/runs/a"), os.path.expanduser("~/data"))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(capsys, tmp_path, monkeypatch, small_synthetic):
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 2:  # the checkpoint after task 2: half written, then the disk is full
+            open(path, "wb").write(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 0 vs 64: No space left on "
+                               "device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert_stops(capsys, FAST + ["--output-dir", str(out)], f"no space left on the device of {out}",
+                 "checkpoint.pt keeps its previous version", "--resume")
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["next_task"] == 1 and not list(out.glob("*.tmp")) and not (out / ".lock").exists()
+
+
+def test_bad_values_found_late_today_are_refused_up_front_in_one_line(capsys, tmp_path, small_synthetic):
+    out = str(tmp_path / "o")
+    for argv, fragments in (
+            (["--prompt", "a " * 40 + "photo of a {}."], ("tokens, more than the 32 of tiny's", "--prompt")),
+            (["--batch-size", "100000000000000000000"], ("--batch-size must be in [1, 1048576]",)),
+            (["--tasks", "100000"], ("--tasks must be in",)),
+            (["--shots", "5"], ("--shots does nothing without --dataset mtil",)),
+            (["--order", "II"], ("--order does nothing",)),
+            (["--preset", "cil", "--ddas-threshold", "0.1"], ("--ddas-threshold does nothing without --ddas",))):
+        assert_usage_error(capsys, FAST[:-1] + argv + ["--output-dir", out], *fragments)
+        assert not os.path.exists(out)
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line(capsys, tmp_path, small_synthetic):
+    out = tmp_path / "run"
+    line = assert_stops(capsys, FAST + ["--lr", "1e30", "--output-dir", str(out)], "the training loss became",
+                        "of task 1 (lr ", "lower --lr")
+    assert re.search(r"became (nan|inf) at step \d+ of task 1", line), line
+    assert not (out / "checkpoint.pt").exists() and not (out / ".lock").exists()
+
+
+def test_resume_takes_the_checkpoints_settings_and_a_finished_run_says_so(small_run, small_synthetic, tmp_path,
+                                                                          monkeypatch, capsys):
+    run_dir = str(tmp_path / "b")
+    run_interrupted_at_task(monkeypatch, SMALL_RUN_ARGS + ["--output-dir", run_dir], 2)
+    assert_usage_error(capsys, ["--resume", "--output-dir", run_dir, "--experts", "20"],
+                       "--experts 20 contradicts the run in", "which has 22")
+    summary = M.main(["--resume", "--output-dir", run_dir])  # every other setting from the checkpoint
+    assert summary["accuracy_matrix"] == small_run[1]["accuracy_matrix"]
+    before = file_bytes(run_dir)
+    capsys.readouterr()
+    again = M.main(["--resume", "--output-dir", run_dir])
+    err = capsys.readouterr().err
+    assert f"{run_dir} is complete: Last {summary['last']:.2f}  Avg {summary['avg']:.2f}" in err
+    assert again["accuracy_matrix"] == summary["accuracy_matrix"] and file_bytes(run_dir) == before
+
+
+def test_a_run_says_where_it_writes_what_it_runs_and_how_it_ended(small_synthetic, tmp_path, capsys, clip_cache):
+    out = str(tmp_path / "full")
+    capsys.readouterr()
+    summary = M.main(FAST[:-1] + ["--output-dir", out])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"synthetic | moe-adapters full: writing to {out}"
+    assert sum(ln.startswith("[synthetic | moe-adapters full] task ") for ln in err) == 4
+    assert err[-1] == (f"synthetic | moe-adapters full done: Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  "
+                       f"forgetting {summary['forgetting']:.2f}; everything is in {out}")
+    mtil = M.main(["--dataset", "synthetic-mtil", "--clip-cache", clip_cache, "--epochs", "1", "--ddas-iters", "5",
+                   "--output-dir", str(tmp_path / "mtil")])
+    err = capsys.readouterr().err.splitlines()
+    table = f"Transfer {mtil['transfer']:.2f}  Avg {mtil['avg']:.2f}  Last {mtil['last']:.2f}"
+    assert [ln for ln in err if ln.startswith("[synthetic-mtil | moe-adapters] task 4/4")] == [
+        f"[synthetic-mtil | moe-adapters] task 4/4: {table}"]  # the same Avg as the summary and the demo table
+
+
+def test_progress_lines_where_stderr_is_no_terminal(monkeypatch, capsys):
+    clock = iter(range(0, 10_000, 2))  # every step takes 2 s
+    monkeypatch.setattr(M.time, "time", lambda: next(clock))
+    bar = M.progress(range(40), "task 1/4")
+    assert isinstance(bar, M.LogProgress)  # pytest's capture is no terminal
+    for i in bar:
+        bar.set_postfix(loss="0.500")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "task 1/4: 4/40 after 8 s  loss 0.500" and len(lines) == 10  # every 10% once 5 s have passed
+
+
+def test_help_groups_the_flags_shows_the_real_values_and_the_commands():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
+    out = proc.stdout
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    for group in ("what to run:", "backbone:", "experts and routers (spec 2):", "task selector, DDAS (spec 4):",
+                  "data:", "optimisation (spec 5.1):", "run:"):
+        assert "\n" + group + "\n" in out, group
+    flat = " ".join(out.split())
+    assert "[cifar100: 2; --preset full: 22; mtil: 22; synthetic: 2]" in flat  # --experts
+    assert "mtil,synthetic,synthetic-mtil}" in flat and "{tiny,ViT-B/32,ViT-B/16" in flat
+    assert "--demo" in flat and out.rstrip().endswith("python -m pytest -q test_moe_adapters.py                 "
+                                                       "# the tests, ~6 min on 2 CPU cores")
+
+
+def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsys, fake_mtil):
+    root = tmp_path / "data"
+    write_fake_tiny_imagenet(str(root), list(M.TINYIMAGENET_NAMES), train_per_class=1, val_per_class=1, size=16)
+    gone = root / "tiny-imagenet-200" / "val" / "images" / "val_7.JPEG"
+    gone.unlink()
+    argv = ["--dataset", "tinyimagenet", "--tasks", "5", "--data-root", str(root), "--output-dir",
+            str(tmp_path / "o"), "--batch-size", "50", "--workers", "0"] + TINY
+    assert_usage_error(capsys, argv, "1 of its listed image files are missing (the first: " + str(gone))
+    gone.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # there, but unreadable
+    assert_stops(capsys, argv, f"{gone} is not a readable image", "replace or delete it")
