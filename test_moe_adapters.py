@@ -1103,12 +1103,12 @@ def test_synthetic_mtil_run_scores_each_domain_among_its_own_classes(clip_cache,
     """The multi-domain benchmark: one rendering style per task, classified among the task's own 8 classes;
     the summary is mtil_metrics of the saved accuracy matrix; the untouched CLIP scores the same before and
     after (zero-shot rows are identical)."""
-    args = ["--dataset", "synthetic-mtil", "--clip-cache", clip_cache, "--epochs", "1", "--ddas-iters", "30"]
+    args = ["--dataset", "synthetic-mtil", "--clip-cache", clip_cache, "--epochs", "1"]
     zs = M.main(args + ["--method", "zeroshot", "--output-dir", str(tmp_path / "zs")])
     A = zs["accuracy_matrix"]
     assert len(A) == 4 and all(row == A[0] for row in A)
     assert zs["transfer"] == pytest.approx(np.mean(A[0][1:])) and zs["avg"] == zs["last"] == pytest.approx(np.mean(A[0]))
-    moe = M.main(args + ["--output-dir", str(tmp_path / "moe")])
+    moe = M.main(args + ["--ddas-iters", "30", "--output-dir", str(tmp_path / "moe")])
     m = M.mtil_metrics(moe["accuracy_matrix"])
     assert moe["transfer"] == m["transfer"] and moe["avg"] == m["avg"] and moe["last"] == m["last"]
     rows = read_jsonl(str(tmp_path / "moe" / "metrics.jsonl"))
@@ -2483,7 +2483,7 @@ def test_overwrite_interrupted_in_its_first_task_keeps_the_old_run(small_run, sm
 def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, clip_cache):
     out = tmp_path / "run"
     argv = [sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache, "--output-dir", str(out)]
-    first = subprocess.Popen(argv + ["--epochs", "12"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(argv + ["--epochs", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / ".lock").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -2492,7 +2492,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert second.stderr.splitlines() == [f"moe_adapters.py: error: {out} is in use by process {first.pid}@"
                                           f"{os.uname().nodename}: wait for it to end, or choose another --output-dir"]
-    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 12
+    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 6
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / "stale"
@@ -2644,3 +2644,12 @@ def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsy
     assert_usage_error(capsys, argv, "1 of its listed image files are missing (the first: " + str(gone))
     gone.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # there, but unreadable
     assert_stops(capsys, argv, f"{gone} is not a readable image", "replace or delete it")
+
+
+def test_a_read_only_clip_cache_only_warns(capsys):
+    cfg = M.resolve_config(dict(dataset="synthetic", clip_cache="/proc/moe-adapters-cache"))
+    M.warn_once.cache_clear()
+    state = M.pretrained_tiny_clip(cfg, steps=2, batch=4)  # a short pretraining, then the cache write fails
+    err = capsys.readouterr().err
+    assert "cannot cache the tiny CLIP in /proc/moe-adapters-cache" in err and "going on with the weights" in err
+    assert "Traceback" not in err and set(state) == set(clip.model.CLIP(*M.ARCHS["tiny"]).state_dict())
