@@ -218,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
         shown = f"default {f.default!r}" if len(set(map(repr, values.values()))) == 1 else "; ".join(
             f"{label}: {v!r}" for label, v in values.items())
         help_text = f"{comments.get(f.name, '')} [{shown}]".replace("%", "%%")
-        section = sections.get(groups.get(f.name, "run")) or sections.setdefault(
-            groups.get(f.name, "run"), p.add_argument_group(groups.get(f.name, "run")))
+        group = groups.get(f.name, "run")
+        if group not in sections:
+            sections[group] = p.add_argument_group(group)
+        section = sections[group]
         if f.type in ("bool", bool):
             section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -1373,14 +1375,14 @@ def datasets_needed(cfg: Config) -> list:
 
 def missing_data(cfg: Config) -> list:
     """One line per data set the run needs that is not on disk and will not be downloaded, with its fix."""
-    root, problems = os.path.expanduser(cfg.data_root), []
-    for name in datasets_needed(cfg):
+    root, problems, need = os.path.expanduser(cfg.data_root), [], datasets_needed(cfg)
+    for name in need:
         folder, files = DATA_FILES[name]
         absent = [f for f in files.split() if not os.path.exists(os.path.join(root, folder, f))]
         if absent and not (cfg.download and name not in BY_HAND):
             fix = BY_HAND.get(name, "add --download (needs internet), or place it there as torchvision lays it out")
             problems.append(f"{name}: {os.path.join(root, folder)} lacks {', '.join(absent)} ({fix})")
-    needs_scipy = {"Caltech101", "Flowers", "StanfordCars"} & set(datasets_needed(cfg))
+    needs_scipy = {"Caltech101", "Flowers", "StanfordCars"} & set(need)
     if needs_scipy and importlib.util.find_spec("scipy") is None:
         problems.append(f"torchvision reads {', '.join(sorted(needs_scipy))} with scipy: pip install scipy")
     return problems
@@ -2470,9 +2472,10 @@ def run(cfg: Config) -> dict:
                 write_metrics(out, state, T, bench.kind)
                 atomic_write(os.path.join(out, "config.json"),
                              json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
-                for stale in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl", "bench.json"):
-                    if cfg.overwrite and len(state["rows"]) == 1 and os.path.exists(os.path.join(out, stale)):
-                        os.remove(os.path.join(out, stale))
+                if cfg.overwrite and len(state["rows"]) == 1:  # the old run's other files go now
+                    for f in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl", "bench.json"):
+                        if os.path.exists(os.path.join(out, f)):
+                            os.remove(os.path.join(out, f))
                 print(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}",
                       file=sys.stderr)
         if main_rank:
