@@ -22,12 +22,12 @@ data-parallel on several GPUs under torchrun; --bench measures the speed.
     torchrun --nproc_per_node 4 moe_adapters.py --dataset cifar100 --tasks 10   # on 4 GPUs
     python moe_adapters.py --resume --output-dir RUN         # continue a stopped run
     python moe_adapters.py --predict IMG.jpg --output-dir RUN   # route and classify images with a trained run
-    python moe_adapters.py --bench --clip-weights random     # speed of every part on this device
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~6 min on 2 CPU cores
+    python moe_adapters.py --bench --clip-weights random     # speed of the adapters on this device
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~8 min on 2 CPU cores
 
 Sections: config | CLIP backbone | experts and routers | the mixture (loop, batched, fused kernel) |
 task selector (DDAS) | data | training one task (and data parallelism) | evaluation and metrics |
-checkpoints | speed mode | command line and main.
+checkpoints and the output folder | the task loop | speed mode, demo, prediction | command line and main.
 """
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ import datetime
 import errno
 import functools
 import importlib.util
+import inspect
 import json
 import math
 import os
+import pathlib
 import random
 import shlex
 import sys
@@ -71,18 +73,18 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------------
 # Config: one dataclass of every knob (the paper's values as defaults), presets as dicts of
-# overrides, and the command line generated from the dataclass.
+# overrides, the command line generated from the dataclass, and validation as a table of rules.
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Config:
     # what to run
-    dataset: str = "cifar100"          # cifar100 | tinyimagenet | mtil (11 data sets) | synthetic, synthetic-mtil (offline)
-    tasks: int = 10                    # CIFAR-100/synthetic: number of tasks; TinyImageNet: steps after the 100-class base
-    method: str = "moe-adapters"       # moe-adapters | finetune (one adapter per block, trained sequentially) | zeroshot
-    preset: str = ""                   # cil (authors' CIL config) | full (22 experts, per-task routers, freeze); "" = dataset default
+    dataset: str = "cifar100"          # cifar100 | tinyimagenet | mtil (11 data sets) | synthetic, synthetic-mtil
+    tasks: int = 10                    # CIFAR-100/synthetic: number of tasks; TinyImageNet: steps after 100 classes
+    method: str = "moe-adapters"       # moe-adapters | finetune (one adapter per block, sequential) | zeroshot
+    preset: str = ""                   # cil (authors' CIL config) | full (22 experts, routers per task, freeze) | mtil
     # backbone
-    clip_model: str = "ViT-B/16"       # an OpenAI CLIP ViT name, or "tiny" (a small CLIP pretrained on the synthetic world)
+    clip_model: str = "ViT-B/16"       # an OpenAI CLIP ViT, or "tiny" (a small CLIP pretrained on the synthetic world)
     clip_weights: str = ""             # "" = download/cache the named model; a local checkpoint path; or "random"
     clip_cache: str = "~/.cache/clip"  # where OpenAI weights are downloaded and the tiny CLIP is cached
     # experts and routers (spec 2)
@@ -92,15 +94,15 @@ class Config:
     routers: str = "per-task"          # shared (one router for all tasks) | per-task (task t trains router t)
     adapter_scale: float = 0.1         # fixed output scale s of every expert
     adapter_dropout: float = 0.1       # dropout after the expert's ReLU (training only)
-    balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code effectively uses 0)
-    moe_impl: str = "auto"             # loop (readable) | batched (no loop, no host sync) | triton (fused kernel) | auto: triton on CUDA, else batched
+    balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code uses 0)
+    moe_impl: str = "auto"             # loop (readable) | batched | triton (fused kernel) | auto: triton on CUDA
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
     eval_noise: bool = False           # quirk Q1: keep router noise on at evaluation, as the authors' CIL code does
     # task selector, DDAS (spec 4)
-    ddas: bool = False                 # pick each test image's router with DDAS (per-task routers); off = known task id
-    ddas_features: str = "alexnet"     # alexnet (ImageNet AlexNet conv5, the authors') | clip (frozen CLIP image embedding)
-    ddas_weights: str = ""             # "" = torchvision's AlexNet ImageNet weights (download); a local .pth; or "random"
+    ddas: bool = False                 # pick each test image's router with DDAS (per-task routers); off = task id
+    ddas_features: str = "alexnet"     # alexnet (ImageNet AlexNet conv5, the authors') | clip (CLIP image embedding)
+    ddas_weights: str = ""             # "" = torchvision's AlexNet ImageNet weights (download); a .pth; or "random"
     ddas_threshold: str = "auto"       # a number (the authors: 0.0655 for AlexNet) or auto (per-task quantile)
     ddas_quantile: float = 0.9         # auto: tau_k = this quantile of autoencoder k's errors on its own task
     ddas_per_batch: bool = False       # quirk Q12: one decision per test batch from its mean error, as the authors
@@ -116,8 +118,8 @@ class Config:
     download: bool = False             # let torchvision download the data sets it can (needs internet; see README)
     prompt: str = "a bad photo of a {}."  # train and test prompt template (spec 5.1)
     clean_names: bool = False          # quirk Q3: replace "_" by " " in class names (the authors keep "maple_tree")
-    eval_train_transform: bool = False  # quirk Q2: evaluate with the random-crop train transform, as the authors' CIL code
-    eval_all_tasks: bool = False       # class-incremental: also evaluate tasks after t+1 (the full matrix; MTIL always)
+    eval_train_transform: bool = False  # quirk Q2: evaluate with the random-crop train transform, as the authors
+    eval_all_tasks: bool = False       # class-incremental: also evaluate tasks after t+1 (the full matrix)
     # optimisation (spec 5.1)
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
@@ -140,67 +142,81 @@ class Config:
     resume: bool = False               # continue the run in --output-dir after its last completed task
     overwrite: bool = False            # allow writing into an --output-dir that already holds a run
     dry_run: bool = False              # build the model, print its parameter table, and stop (reads no data)
-    bench: bool = False                # time every part on --device (with --clip-weights random: no download); write bench.json
+    bench: bool = False                # time the adapters on --device (--clip-weights random: no download)
 
 
 CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthetic-mtil"], "order": ["I", "II"],
            "method": ["moe-adapters", "finetune", "zeroshot"], "ddas_features": ["alexnet", "clip"],
            "preset": ["", "cil", "full", "mtil"], "routers": ["shared", "per-task"],
-           "moe_impl": ["auto", "loop", "batched", "triton"],
-           "device": ["auto", "cpu", "cuda"], "clip_model": ["tiny"] + [m for m in clip.available_models() if "ViT" in m]}
+           "moe_impl": ["auto", "loop", "batched", "triton"], "device": ["auto", "cpu", "cuda"],
+           "clip_model": ["tiny"] + [m for m in clip.available_models() if "ViT" in m]}
 
-# The authors' class-incremental configuration (spec 5.1, quirk Q5): a dense mixture of 2 experts
-# under one shared router, nothing frozen. Batch 64 for CIFAR-100 2-2 and TinyImageNet (see resolve).
-PRESETS = {
-    "cil": dict(experts=2, top_k=2, routers="shared", freeze=False, lr=1e-3, weight_decay=0.0, warmup=30,
-                epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
-    "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0, warmup=30,
-                 epochs=1, batch_size=128, prompt="a bad photo of a {}.", label_smoothing=0.0),
-    # MTIL full-shot (spec 5.2); the per-data-set learning rates arrive with the 11 data sets (not yet here)
-    "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, lr=1e-3, weight_decay=0.0,
-                 warmup=100, iterations=1000, batch_size=64, eval_batch_size=128, label_smoothing=0.2,
-                 dataset_lr=True, seed=42),  # the authors' MTIL seed (spec 0)
-}
+# The presets and every override, applied by resolve_config in this order over Config's defaults; the flags
+# given win over all. cil: the authors' class-incremental configuration (spec 5.1, quirk Q5), a dense mixture
+# of 2 experts under one shared router, nothing frozen (batch 64 for CIFAR-100 2-2 and TinyImageNet).
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
-    "cifar100": dict(preset="cil", tasks=10),
-    "tinyimagenet": dict(preset="cil", tasks=10),
-    "synthetic": dict(preset="cil", tasks=4, clip_model="tiny"),
-    "mtil": dict(preset="mtil", tasks=11),
-    "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny"),  # 4 rendering styles
-}
-# applied after the preset: the tiny CLIP on the synthetic world trains on 960 images per task, which one
-# epoch at lr 1e-3 barely moves; 2 epochs at 1e-2 and 50 DDAS steps keep the 3-seed demo within 2 minutes
-# on 2 cores. Every value can still be overridden by its flag.
-SYNTHETIC_SCHEDULE = dict(epochs=2, iterations=0, dataset_lr=False, batch_size=64, warmup=10, lr=1e-2, eval_batch_size=256,
-                          workers=0, ddas_features="clip", ddas_iters=50)
-METHOD_OVERRIDES = {  # the baselines run in the same loop
-    "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),
-    "zeroshot": dict(ddas=False),
-    "moe-adapters": dict(),
-}
-# fields that do not change what a run computes (may differ between a checkpoint and --resume)
+    "cifar100": dict(preset="cil", tasks=10), "tinyimagenet": dict(preset="cil", tasks=10),
+    "mtil": dict(preset="mtil", tasks=11), "synthetic": dict(preset="cil", tasks=4, clip_model="tiny"),
+    "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny")}  # 4 rendering styles
+PRESETS = {
+    "cil": dict(experts=2, top_k=2, routers="shared", freeze=False),
+    "full": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True),
+    "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, warmup=100, iterations=1000,
+                 batch_size=64, eval_batch_size=128, label_smoothing=0.2, dataset_lr=True, seed=42)}  # spec 0, 5.2
+# the tiny CLIP on the synthetic world trains on 960 images per task, which one epoch at lr 1e-3 barely moves;
+# 2 epochs at 1e-2 and 50 DDAS steps keep the 3-seed demo within 2 minutes on 2 cores
+SYNTHETIC_SCHEDULE = dict(epochs=2, iterations=0, dataset_lr=False, batch_size=64, warmup=10, lr=1e-2,
+                          eval_batch_size=256, workers=0, ddas_features="clip", ddas_iters=50)
+METHOD_OVERRIDES = {"finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),
+                    "zeroshot": dict(ddas=False), "moe-adapters": dict()}  # the baselines run in the same loop
+# fields that do not change what a run computes (may differ between a checkpoint and --resume; --workers and
+# --eval-batch-size are not among them: they change how random numbers are drawn)
 RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "bench", "device", "data_root", "download",
-                   "clip_cache", "moe_impl"}  # (--workers and --eval-batch-size stay: they change how random numbers are drawn)
-
-
+                   "clip_cache", "moe_impl"}
 HELP_SETTINGS = {"cifar100": dict(dataset="cifar100"), "--preset full": dict(dataset="cifar100", preset="full"),
                  "mtil": dict(dataset="mtil"), "synthetic": dict(dataset="synthetic")}  # what --help shows values for
+PATH_FLAGS = ("output_dir", "clip_cache", "clip_weights", "ddas_weights", "data_root")  # "~" expanded in each
+
+
+def resolve_config(args: dict) -> Config:
+    """Config defaults < data set defaults < preset < (synthetic schedule) < method < explicit flags."""
+    given = {k: v for k, v in args.items() if v is not None and k not in ("demo", "predict")}
+    values = dataclasses.asdict(Config())
+    ds = given.get("dataset", values["dataset"])
+    values.update(DATASET_DEFAULTS[ds])
+    values["preset"] = preset = given.get("preset") or values["preset"]
+    values.update(PRESETS[preset])
+    if ds.startswith("synthetic"):
+        values.update(SYNTHETIC_SCHEDULE)
+    if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and given.get("tasks") == 50)):
+        values["batch_size"] = 64  # the authors' configs for CIFAR-100 2-2 and TinyImageNet
+    values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
+    if given.get("shots"):  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500) and its autoencoders
+        values.update(iterations=500 if preset == "mtil" else values["iterations"], ddas_lr=0.003)
+    if "lr" in given and "dataset_lr" not in given:
+        values["dataset_lr"] = False  # an explicit --lr wins over the per-data-set rates
+    values.update(given)
+    cfg = Config(**values | {name: os.path.expanduser(values[name]) for name in PATH_FLAGS})
+    validate(cfg)
+    for name in given:
+        if name in ACTS_ONLY_WITH and not ACTS_ONLY_WITH[name][1](cfg):
+            raise UsageError(f"--{name.replace('_', '-')} does nothing without {ACTS_ONLY_WITH[name][0]}: drop it")
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per Config field, grouped as the fields are; the help text is the field's
     comment, with the value the flag takes in the common settings, and the header's commands at the end."""
-    comments, groups, group = {}, {}, "what to run"
-    try:  # the comment above a run of fields names their group; the one beside a field is its help
-        import inspect
-        for line in inspect.getsource(Config).splitlines()[2:]:
-            if line.strip().startswith("# "):
-                group = line.strip()[2:]
-            elif ":" in line and "#" in line:
-                name = line.split(":")[0].strip()
-                comments[name], groups[name] = line.split("#", 1)[1].strip(), group
-    except (OSError, TypeError):  # source not available (e.g. pasted into a notebook)
-        pass
+    comments, group = {}, "what to run"
+    try:  # a comment line in Config names a group; the comment beside a field is its help
+        source = inspect.getsource(Config).splitlines()[2:]
+    except (OSError, TypeError):  # no source (e.g. pasted into a notebook): no help texts
+        source = []
+    for line in source:
+        if line.strip().startswith("# "):
+            group = line.strip()[2:]
+        elif "#" in line:
+            comments[line.split(":")[0].strip()] = (group, line.split("#", 1)[1].strip())
 
     class OneLineParser(argparse.ArgumentParser):
         def error(self, message):  # argparse prints usage + error; we print one line
@@ -214,166 +230,111 @@ def build_parser() -> argparse.ArgumentParser:
     settings = {label: dataclasses.asdict(resolve_config(args)) for label, args in HELP_SETTINGS.items()}
     sections = {}
     for f in fields(Config):
-        flag, values = "--" + f.name.replace("_", "-"), {label: v[f.name] for label, v in settings.items()}
+        group, comment = comments.get(f.name, ("run", ""))
+        values = {label: v[f.name] for label, v in settings.items()}
         shown = f"default {f.default!r}" if len(set(map(repr, values.values()))) == 1 else "; ".join(
             f"{label}: {v!r}" for label, v in values.items())
-        help_text = f"{comments.get(f.name, '')} [{shown}]".replace("%", "%%")
-        group = groups.get(f.name, "run")
+        kw = dict(dest=f.name, default=None, help=f"{comment} [{shown}]".replace("%", "%%"))
+        if f.type == "bool":
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type={"int": int, "float": float, "str": str}[f.type], choices=CHOICES.get(f.name))
         if group not in sections:
             sections[group] = p.add_argument_group(group)
-        section = sections[group]
-        if f.type in ("bool", bool):
-            section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            section.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name),
-                                 help=help_text)
+        sections[group].add_argument("--" + f.name.replace("_", "-"), **kw)
     p.add_argument("--demo", action="store_true", help="run the offline demo (also what no arguments do)")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="route and classify these images with the trained "
                    "run in --output-dir: top-5 classes of each, also written to predictions.jsonl")
     return p
 
 
-def resolve_config(args: dict) -> Config:
-    """Config defaults < data set defaults < preset < (synthetic schedule) < method < explicit flags."""
-    given = {k: v for k, v in args.items() if v is not None and k not in ("demo", "predict")}
-    values = dataclasses.asdict(Config())
-    ds = given.get("dataset", values["dataset"])
-    values.update(DATASET_DEFAULTS[ds])
-    preset = given.get("preset") or values["preset"]
-    values.update(PRESETS[preset])
-    values["preset"] = preset
-    if ds.startswith("synthetic"):
-        values.update(SYNTHETIC_SCHEDULE)
-    tasks = given.get("tasks", values["tasks"])
-    if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and tasks == 50)):
-        values["batch_size"] = 64  # the authors' configs for CIFAR-100 2-2 and TinyImageNet
-    values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
-    if preset == "mtil" and given.get("shots"):
-        values["iterations"] = 500  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500)
-    if given.get("shots"):
-        values["ddas_lr"] = 0.003   # the authors' few-shot autoencoders (spec 4.2)
-    if "lr" in given and "dataset_lr" not in given:
-        values["dataset_lr"] = False  # an explicit --lr wins over the per-data-set rates
-    values.update(given)
-    for name in ("output_dir", "clip_cache", "clip_weights", "ddas_weights", "data_root"):
-        values[name] = os.path.expanduser(values[name])  # "~/runs" means the home folder for every path flag
-    cfg = Config(**values)
-    validate(cfg)
-    for name in given:
-        if name in ACTS_ONLY_WITH and not ACTS_ONLY_WITH[name][1](cfg):
-            raise UsageError(f"--{name.replace('_', '-')} does nothing without {ACTS_ONLY_WITH[name][0]}: drop it")
-    return cfg
+BOUNDS = {  # the range of every number: [ ] includes the end, ( ) leaves it out
+    **dict.fromkeys(("tasks",), "[1, 1000]"), **dict.fromkeys(("experts", "top_k", "freeze_top"), "[1, 1024]"),
+    "bottleneck": "[1, 65536]", "epochs": "[1, 10000]", "workers": "[0, 256]", "shots": "[0, 1000000]",
+    **dict.fromkeys(("iterations", "warmup"), "[0, 1e8]"), **dict.fromkeys(("ddas_iters", "ddas_reference_iters"),
+                                                                          "[1, 1e8]"),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "ddas_hidden"), "[1, 1048576]"), "seed": "[0, 4294967295]",
+    **dict.fromkeys(("lr", "ddas_lr"), "(0, inf)"), **dict.fromkeys(("weight_decay", "balance_coef"), "[0, inf)"),
+    **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"), "ddas_quantile": "(0, 1]",
+    "adapter_scale": "(-inf, inf)"}
 
 
-BOUNDS = {  # integer flags: the range a run can take
-    "tasks": (1, 1000), "experts": (1, 1024), "top_k": (1, 1024), "bottleneck": (1, 65536), "epochs": (1, 10**4),
-    "iterations": (0, 10**8), "batch_size": (1, 1 << 20), "eval_batch_size": (1, 1 << 20), "workers": (0, 256),
-    "freeze_top": (1, 1024), "shots": (0, 10**6), "warmup": (0, 10**8), "seed": (0, 2**32 - 1),
-    "ddas_iters": (1, 10**8), "ddas_reference_iters": (1, 10**8), "ddas_hidden": (1, 1 << 20)}
+def in_range(value, interval: str) -> bool:
+    lo, hi = (float(v) for v in interval[1:-1].split(", "))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def formats_name(prompt: str) -> bool:
+    try:
+        return prompt.format("x") != prompt
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
 ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, they are refused
-    **{name: ("--dataset mtil", lambda c: c.dataset == "mtil") for name in ("shots", "order", "dataset_lr")},
+    **dict.fromkeys(("shots", "order", "dataset_lr"), ("--dataset mtil", lambda c: c.dataset == "mtil")),
     "download": ("a real data set", lambda c: not c.dataset.startswith("synthetic")),
-    "eval_all_tasks": ("a class-incremental data set", lambda c: c.dataset != "mtil" and c.dataset != "synthetic-mtil"),
+    "eval_all_tasks": ("a class-incremental data set", lambda c: c.dataset not in ("mtil", "synthetic-mtil")),
     "freeze_top": ("--freeze", lambda c: c.freeze),
-    **{name: ("--ddas", lambda c: c.ddas) for name in ("ddas_features", "ddas_weights", "ddas_threshold",
-                                                     "ddas_quantile", "ddas_per_batch", "ddas_all_autoencoders",
-                                                     "ddas_reference", "ddas_iters", "ddas_reference_iters",
-                                                     "ddas_lr", "ddas_hidden", "ddas_step_lr")}}
+    **dict.fromkeys([f.name for f in fields(Config) if f.name.startswith("ddas_")], ("--ddas", lambda c: c.ddas))}
+N_CLASSES = {"cifar100": 100, "tinyimagenet": 100, "mtil": 11, "synthetic": 32, "synthetic-mtil": 32}  # to split
+RULES = [  # (refused when, the message: a template of the config c, or a function of it), in order after BOUNDS
+    (lambda c: c.top_k > c.experts, "--top-k {c.top_k} is greater than --experts {c.experts}: choose top-k <= experts"),
+    (lambda c: c.freeze and c.freeze_top > c.experts, "--freeze-top {c.freeze_top} is more than --experts {c.experts}"),
+    (lambda c: c.dataset == "synthetic-mtil" and c.tasks != 4, "--dataset synthetic-mtil has 4 domains: drop --tasks"),
+    (lambda c: c.dataset == "mtil" and c.tasks != 11, "--dataset mtil is 11 data sets, one task each: drop --tasks"),
+    (lambda c: N_CLASSES[c.dataset] % c.tasks, lambda c: f"--tasks {c.tasks} does not divide the {N_CLASSES[c.dataset]}"
+     f" classes{' after the base' * (c.dataset == 'tinyimagenet')} of {c.dataset}: use a divisor such as " +
+     ", ".join([str(d) for d in range(2, N_CLASSES[c.dataset] + 1) if N_CLASSES[c.dataset] % d == 0][:6])),
+    (lambda c: c.clip_model.startswith("RN"), "--clip-model {c.clip_model} is a ResNet: MoE-Adapters needs a ViT CLIP"),
+    (lambda c: c.clip_model not in CHOICES["clip_model"],
+     lambda c: f"unknown --clip-model {c.clip_model!r}: use one of {', '.join(CHOICES['clip_model'])}"),
+    (lambda c: c.dataset.startswith("synthetic") and c.clip_model != "tiny",
+     "--dataset {c.dataset} needs --clip-model tiny (its images are 32x32)"),
+    (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"),
+     "--clip-model tiny is built and pretrained here; --clip-weights takes only 'random' with it"),
+    (lambda c: not formats_name(c.prompt), "--prompt must contain one {{}} for the class name, got {c.prompt!r}"),
+    *[(lambda c, n=n: os.path.isfile(getattr(c, n)), f"--{n.replace('_', '-')} {{c.{n}}} is a file, not a folder")
+      for n in ("output_dir", "clip_cache", "data_root")],
+    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"),
+     "--ddas picks among per-task routers: use it with --routers per-task (e.g. --preset full)"),
+    (lambda c: c.ddas_threshold != "auto" and not in_range(number(c.ddas_threshold), "(0, inf)"),
+     "--ddas-threshold takes a positive number or 'auto', got {c.ddas_threshold!r}"),
+    (lambda c: c.ddas_all_autoencoders and c.ddas_threshold == "auto", "--ddas-all-autoencoders: untrained "
+     "autoencoders have no calibrated threshold for --ddas-threshold auto: give a number (the authors: 0.0655)"),
+    (lambda c: c.resume and c.overwrite, "--resume and --overwrite contradict each other: pick one"),
+    (lambda c: c.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no CUDA device is visible"),
+    (lambda c: c.moe_impl == "triton" and triton is None, "--moe-impl triton: triton is not installed: use batched"),
+    (lambda c: c.moe_impl == "triton" and not triton_usable(resolve_device(c)), "--moe-impl triton needs a CUDA "
+     "device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): use --moe-impl batched"),
+    (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, lambda c: "--moe-impl triton "
+     f"holds at most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {c.top_k * c.bottleneck}"),
+    (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
+    (lambda c: c.moe_impl == "triton" and kernel_fault_of(c), lambda c: f"--moe-impl triton fails its check against "
+     f"batched on {resolve_device(c)} ({kernel_fault_of(c)}): use --moe-impl batched (or auto)")]
 
 
 def validate(cfg: Config) -> None:
-    for name, (lo, hi) in BOUNDS.items():
-        if not lo <= getattr(cfg, name) <= hi:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(cfg, name)}")
-    for f in fields(Config):
-        if f.type in ("float", float) and not math.isfinite(getattr(cfg, f.name)):
-            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
-    if cfg.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.top_k > cfg.experts:
-        raise UsageError(f"--top-k {cfg.top_k} is greater than --experts {cfg.experts}: choose top-k <= experts")
-    if cfg.freeze and cfg.freeze_top > cfg.experts:
-        raise UsageError(f"--freeze-top {cfg.freeze_top} is greater than --experts {cfg.experts}")
-    if cfg.dataset == "synthetic-mtil" and cfg.tasks != len(SYN_STYLES):
-        raise UsageError(f"--dataset synthetic-mtil has {len(SYN_STYLES)} domains: drop --tasks or use --tasks 4")
-    if cfg.dataset == "mtil" and cfg.tasks != 11:
-        raise UsageError("--dataset mtil is 11 data sets, one task each: drop --tasks (see --order)")
-    n_classes = {"cifar100": 100, "tinyimagenet": 100, "synthetic": len(SYNTHETIC_TASK_CLASSES), "mtil": 11,
-                 "synthetic-mtil": len(SYNTHETIC_TASK_CLASSES)}[cfg.dataset]
-    if n_classes % cfg.tasks:
-        what = "the 100 classes after the base" if cfg.dataset == "tinyimagenet" else f"the {n_classes} classes"
-        raise UsageError(f"--tasks {cfg.tasks} does not divide {what} of {cfg.dataset}: use a divisor such as "
-                         f"{', '.join([str(d) for d in range(2, n_classes + 1) if n_classes % d == 0][:6])}")
-    if cfg.clip_model != "tiny" and cfg.clip_model not in clip.available_models():
-        raise UsageError(f"unknown --clip-model {cfg.clip_model!r}: use one of tiny, "
-                         f"{', '.join(m for m in clip.available_models() if m.startswith('ViT'))}")
-    if cfg.clip_model.startswith("RN"):
-        raise UsageError(f"--clip-model {cfg.clip_model} is a ResNet: MoE-Adapters needs a ViT CLIP (e.g. ViT-B/16)")
-    if cfg.dataset.startswith("synthetic") and cfg.clip_model != "tiny":
-        raise UsageError("--dataset synthetic needs --clip-model tiny (its images are 32x32)")
-    if cfg.clip_model == "tiny" and cfg.clip_weights not in ("", "random"):
-        raise UsageError("--clip-model tiny is built and pretrained here; --clip-weights takes only 'random' with it")
-    try:
-        ok = cfg.prompt.format("x") != cfg.prompt
-    except (IndexError, KeyError, ValueError):
-        ok = False
-    if not ok:
-        raise UsageError(f"--prompt must contain one {{}} for the class name, got {cfg.prompt!r}")
-    for name in ("output_dir", "clip_cache", "data_root"):
-        path = os.path.expanduser(getattr(cfg, name))
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f"--{name.replace('_', '-')} {path} is a file, not a folder")
-    if cfg.warmup < 0 or cfg.weight_decay < 0 or not 0 <= cfg.label_smoothing < 1:
-        raise UsageError("--warmup and --weight-decay must be >= 0 and --label-smoothing in [0, 1)")
-    if not 0 <= cfg.adapter_dropout < 1:
-        raise UsageError(f"--adapter-dropout must be in [0, 1), got {cfg.adapter_dropout}")
-    if cfg.ddas and (cfg.routers != "per-task" or cfg.method != "moe-adapters"):
-        raise UsageError("--ddas picks among per-task routers: use it with --routers per-task (e.g. --preset full)")
-    if cfg.ddas_threshold != "auto":
-        try:
-            ok = float(cfg.ddas_threshold) > 0 and math.isfinite(float(cfg.ddas_threshold))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"--ddas-threshold takes a positive number or 'auto', got {cfg.ddas_threshold!r}")
-    if cfg.ddas_all_autoencoders and cfg.ddas_threshold == "auto":
-        raise UsageError("--ddas-all-autoencoders: untrained autoencoders have no calibrated threshold, so "
-                         "--ddas-threshold auto cannot rank them: give a number (the authors: 0.0655)")
-    if not 0 < cfg.ddas_quantile <= 1:
-        raise UsageError(f"--ddas-quantile must be in (0, 1], got {cfg.ddas_quantile}")
-    if cfg.ddas_lr <= 0:
-        raise UsageError(f"--ddas-lr must be positive, got {cfg.ddas_lr}")
-    if cfg.ddas_reference and not cfg.ddas:
-        raise UsageError("--ddas-reference is a DDAS option: add --ddas (e.g. --preset full or mtil)")
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: pick one")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu")
-    if cfg.moe_impl == "triton" and not triton_usable(resolve_device(cfg)):
-        raise UsageError("--moe-impl triton needs triton and a CUDA device (or TRITON_INTERPRET=1, Triton's slow "
-                         "CPU interpreter): use --moe-impl batched" if triton is not None else
-                         "--moe-impl triton: triton is not installed (pip install triton): use --moe-impl batched")
-    if cfg.moe_impl == "triton" and cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
-        raise UsageError(f"--moe-impl triton holds at most {FUSED_MAX_HIDDEN} hidden units per sample, and --top-k "
-                         f"{cfg.top_k} x --bottleneck {cfg.bottleneck} is {cfg.top_k * cfg.bottleneck}: use batched")
-    if cfg.amp and resolve_device(cfg).type != "cuda":
-        raise UsageError("--amp is bf16 autocast on CUDA only: drop it on the CPU")
-    fault = cfg.moe_impl == "triton" and kernel_fault(str(resolve_device(cfg)), torch.bfloat16 if cfg.amp else
-                                                      torch.float32, cfg.top_k, cfg.bottleneck)
-    if fault:
-        raise UsageError(f"--moe-impl triton fails its check against batched on {resolve_device(cfg)} ({fault}): "
-                         f"use --moe-impl batched (or auto)")
+    for name, interval in BOUNDS.items():
+        if not in_range(getattr(cfg, name), interval):
+            raise UsageError(f"--{name.replace('_', '-')} must be in {interval}, got {getattr(cfg, name)}")
+    for refused, message in RULES:
+        if refused(cfg):
+            raise UsageError(message(cfg) if callable(message) else message.format(c=cfg))
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
 
-def n_tasks_total(cfg: Config) -> int:
-    """TinyImageNet has a 100-class base task before its --tasks steps."""
+def n_tasks_total(cfg: Config) -> int:  # TinyImageNet has a 100-class base task before its --tasks steps
     return cfg.tasks + 1 if cfg.dataset == "tinyimagenet" else cfg.tasks
 
 
@@ -406,32 +367,27 @@ ARCHS = {
 def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
     """The frozen fp32 CLIP named by the config, on the CPU. `weights` overrides cfg.clip_weights."""
     weights = cfg.clip_weights if weights is None else weights
-    cache = os.path.expanduser(cfg.clip_cache)
     if cfg.clip_model == "tiny" or weights == "random":
         model = clip.model.CLIP(*ARCHS[cfg.clip_model])  # random init, as in clip.model.CLIP.initialize_parameters
         if cfg.clip_model == "tiny" and weights != "random":
             model.load_state_dict(pretrained_tiny_clip(cfg))
     else:
-        if weights:
-            if not os.path.isfile(weights):
-                raise UsageError(f"--clip-weights {weights}: no such file; pass an OpenAI CLIP checkpoint or 'random'")
-            source = weights
-        else:
-            url = clip.clip._MODELS[cfg.clip_model]
-            source = cfg.clip_model
+        if weights and not os.path.isfile(weights):
+            raise UsageError(f"--clip-weights {weights}: no such file; pass an OpenAI CLIP checkpoint or 'random'")
         try:
-            model, _ = clip.load(source, device="cpu", jit=False, download_root=cache)
-        except UsageError:
-            raise
+            model, _ = clip.load(weights or cfg.clip_model, device="cpu", jit=False, download_root=cfg.clip_cache)
         except Exception as e:  # offline (URLError), corrupt or foreign file
             if weights:
                 raise UsageError(f"--clip-weights {weights} is not a readable CLIP checkpoint "
                                  f"({type(e).__name__}): pass an OpenAI .pt file or 'random'") from None
-            raise UsageError(f"{cfg.clip_model} weights are not in {cache} and the download failed "
-                             f"({type(e).__name__}: {getattr(e, 'reason', e)}): fetch {url} into {cache}/ "
-                             f"or pass --clip-weights PATH") from None
+            raise UsageError(f"{cfg.clip_model} weights are not in {cfg.clip_cache} and the download failed "
+                             f"({type(e).__name__}: {getattr(e, 'reason', e)}): fetch "
+                             f"{clip.clip._MODELS[cfg.clip_model]} into it or pass --clip-weights PATH") from None
         if not isinstance(model.visual, clip.model.VisionTransformer):
             raise UsageError("the CLIP checkpoint has a ResNet image tower: MoE-Adapters needs a ViT CLIP")
+        if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
+            raise UsageError(f"--clip-weights {weights} is a {model.visual.input_resolution}-pixel CLIP, not "
+                             f"{cfg.clip_model}: pass its --clip-model")
     model.float().eval()  # fp32 everywhere, as the authors (spec 1)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -446,15 +402,15 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
 class MoEAdapter(nn.Module):
     """E experts E_e(x) = s * (W_up Dropout(ReLU(W_down x + b_down)) + b_up), d -> r -> d, and R routers.
 
-    Storage is stacked so one layout serves the readable loop, the batched path and later a fused
-    kernel: w_down [E, d, r], b_down [E, r], w_up [E, r, d], b_up [E, d]; routers w_gate, w_noise [R, d, E].
+    Storage is stacked so one layout serves the readable loop, the batched path and the fused kernel:
+    w_down [E, d, r], b_down [E, r], w_up [E, r, d], b_up [E, d]; routers w_gate, w_noise [R, d, E].
     """
 
     def __init__(self, d: int, experts: int, top_k: int, bottleneck: int, routers: int, scale: float,
                  dropout: float, impl: str = "batched", eval_noise: bool = False, balance: bool = False,
                  freeze_top: int = 2):
         super().__init__()
-        E, r = experts, bottleneck
+        E, r, R = experts, bottleneck, routers
         bound = 1 / math.sqrt(d)  # kaiming_uniform(a=sqrt 5) of nn.Linear(d, r): U(-1/sqrt d, 1/sqrt d)
         self.w_down = nn.Parameter(torch.empty(E, d, r).uniform_(-bound, bound))
         self.b_down = nn.Parameter(torch.zeros(E, r))
@@ -462,11 +418,11 @@ class MoEAdapter(nn.Module):
         self.w_up = nn.Parameter(torch.zeros(E, r, d))
         self.b_up = nn.Parameter(torch.zeros(E, d))
         if E > 1:  # zero-initialised routers: the first decisions are made by the noise alone (spec 2.3)
-            self.w_gate = nn.Parameter(torch.zeros(routers, d, E))
-            self.w_noise = nn.Parameter(torch.zeros(routers, d, E))
+            self.w_gate = nn.Parameter(torch.zeros(R, d, E))
+            self.w_noise = nn.Parameter(torch.zeros(R, d, E))
         self.register_buffer("usage", torch.zeros(E, dtype=torch.long))    # samples routed to each expert, this task
         self.register_buffer("frozen", torch.zeros(E, dtype=torch.bool))   # activate-freeze set, grows only
-        self.E, self.k, self.R, self.scale, self.p = E, top_k, routers, scale, dropout
+        self.E, self.k, self.R, self.scale, self.p = E, top_k, R, scale, dropout
         self.impl, self.eval_noise, self.balance, self.freeze_top = impl, eval_noise, balance, freeze_top
         self.aux_loss = None       # load-balancing loss of the last forward (only when balance is on)
         self.train_router = None   # router trained in the current task; the others are kept fixed
@@ -480,40 +436,34 @@ class MoEAdapter(nn.Module):
         use = (route >= 0).to(c.dtype)[:, None]                          # [N, 1]
         if self.E == 1:  # a single adapter: gate 1 (the fine-tuning baseline has no router)
             return torch.zeros(N, 1, dtype=torch.long, device=c.device), use
-        r = route.clamp(min=0)
-        rows = torch.arange(N, device=c.device)
+        rows, r = torch.arange(N, device=c.device), route.clamp(min=0)
         flat = lambda W: (c @ W.permute(1, 0, 2).reshape(c.shape[1], -1)).view(N, self.R, self.E)[rows, r]
         H = flat(self.w_gate)                                            # H = c W_g^t            [N, E]
         noisy = self.training or self.eval_noise
-        if noisy:
-            sigma = F.softplus(flat(self.w_noise)) + 0.01                # sigma = softplus(c W_n^t) + 0.01
-            H_noisy = H + torch.randn_like(H) * sigma                    # H~ = H + eps * sigma
-        else:
-            H_noisy = H
+        sigma = F.softplus(flat(self.w_noise)) + 0.01 if noisy else None  # sigma = softplus(c W_n^t) + 0.01
+        H_noisy = H + torch.randn_like(H) * sigma if noisy else H        # H~ = H + eps * sigma
         top, idx = H_noisy.topk(self.k, dim=1)                           # K = TopK(H~)
         w = torch.softmax(top, dim=1) * use                              # G = softmax over the top-k only
         if self.training:  # usage counts for activate-freeze stay on the device (no .item() per block)
             with torch.no_grad():
                 self.usage.index_add_(0, idx.flatten(), (use > 0).long().expand(N, self.k).flatten())
-        if self.balance and self.training:
-            self.aux_loss = self.balance_loss(H, H_noisy, sigma if noisy else None, idx, w)
+            if self.balance:
+                self.aux_loss = self.balance_loss(H, H_noisy, sigma, idx, w)
         return idx, w
 
     def balance_loss(self, H, H_noisy, sigma, idx, w):
         """CV^2(importance) + CV^2(load) (spec 2.4). load is the smooth P(expert in top-k) when noisy and k < E."""
         dense = torch.zeros(H.shape, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # G as [N, E]
-        importance = dense.sum(0)
         if sigma is not None and self.k < self.E:
             kth = H_noisy.topk(self.k + 1, dim=1).values                # thresholds for "in" and "out"
-            is_in = H_noisy > kth[:, self.k:self.k + 1]
             normal = torch.distributions.Normal(0.0, 1.0)
             p_in = normal.cdf((H - kth[:, self.k:self.k + 1]) / sigma)
             p_out = normal.cdf((H - kth[:, self.k - 1:self.k]) / sigma)
-            load = torch.where(is_in, p_in, p_out).sum(0)
+            load = torch.where(H_noisy > kth[:, self.k:self.k + 1], p_in, p_out).sum(0)
         else:
             load = (dense > 0).float().sum(0)
         cv2 = lambda v: v.float().var() / (v.float().mean() ** 2 + 1e-10)
-        return cv2(importance) + cv2(load)
+        return cv2(dense.sum(0)) + cv2(load)                             # importance = sum_n G[n]
 
     def forward(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """x: [L, N, d] block state after attention, base: the block's output. Returns
@@ -530,22 +480,16 @@ class MoEAdapter(nn.Module):
         and every router except `router`. Exactness is enforced by restore_fixed() after each step."""
         self.usage.zero_()
         self.train_router = router
-        keep_router = self.R > 1 and self.E > 1
-        self._snapshot = None
-        if bool(self.frozen.any()) or keep_router:
-            self._snapshot = {n: p.detach().clone() for n, p in self.named_parameters()}
+        keep = bool(self.frozen.any()) or (self.R > 1 and self.E > 1)
+        self._snapshot = {n: p.detach().clone() for n, p in self.named_parameters()} if keep else None
 
     @torch.no_grad()
     def restore_fixed(self) -> None:
         """Copy frozen experts and other tasks' routers back bitwise, whatever the optimizer did
         (weight decay and Adam moments can move a row whose gradient is zero)."""
-        if self._snapshot is None:
-            return
-        for n, p in self.named_parameters():
-            if n.startswith("w_gate") or n.startswith("w_noise"):
-                mask = torch.arange(self.R, device=p.device) != self.train_router
-            else:
-                mask = self.frozen
+        for n, p in self.named_parameters() if self._snapshot is not None else ():
+            is_router = n.startswith("w_gate") or n.startswith("w_noise")
+            mask = torch.arange(self.R, device=p.device) != self.train_router if is_router else self.frozen
             p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), self._snapshot[n], p))  # no host sync
 
     @torch.no_grad()
@@ -567,17 +511,15 @@ class MoEBlock(nn.Module):
 
     def __init__(self, block: nn.Module, adapter: MoEAdapter | None):
         super().__init__()
-        self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2
-        self.attn_mask = block.attn_mask
+        self.attn, self.ln_1, self.mlp, self.ln_2, self.attn_mask = block.attn, block.ln_1, block.mlp, block.ln_2, \
+            block.attn_mask
         self.moe = adapter
         self.route = None  # [N] router id per sample for the current call (-1 = untouched CLIP), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [L, N, D]
         x = x + self.attention(self.ln_1(x))
         out = x + self.mlp(self.ln_2(x))
-        if self.moe is None or self.route is None:
-            return out
-        return self.moe(x, self.route, base=out)
+        return out if self.moe is None or self.route is None else self.moe(x, self.route, base=out)
 
 
 def new_adapter(cfg: Config, d: int, impl: str, experts: int = 0) -> MoEAdapter:
@@ -635,19 +577,15 @@ def tokenize(prompts: list[str], device) -> torch.Tensor:
 def parameter_table(model: nn.Module) -> dict:
     """Counts of frozen and trainable parameters, per component (printed by --dry-run)."""
     count = lambda pred: sum(p.numel() for n, p in model.named_parameters() if pred(n))
-    is_moe = lambda n: ".moe." in n
-    is_router = lambda n: ".moe.w_gate" in n or ".moe.w_noise" in n
-    t = {
-        "clip_image_tower": count(lambda n: n.startswith("visual.") and not is_moe(n)),
-        "clip_text_tower_and_heads": count(lambda n: not n.startswith("visual.") and not is_moe(n)),
-        "experts_image": count(lambda n: n.startswith("visual.") and is_moe(n) and not is_router(n)),
-        "experts_text": count(lambda n: not n.startswith("visual.") and is_moe(n) and not is_router(n)),
-        "routers_image": count(lambda n: n.startswith("visual.") and is_router(n)),
-        "routers_text": count(lambda n: not n.startswith("visual.") and is_router(n)),
-    }
-    t["frozen_params"] = t["clip_image_tower"] + t["clip_text_tower_and_heads"]
-    t["trainable_params"] = count(is_moe)
-    return t
+    router = lambda n: ".moe.w_gate" in n or ".moe.w_noise" in n
+    image, moe = lambda n: n.startswith("visual."), lambda n: ".moe." in n
+    t = {"clip_image_tower": count(lambda n: image(n) and not moe(n)),
+         "clip_text_tower_and_heads": count(lambda n: not image(n) and not moe(n)),
+         "experts_image": count(lambda n: image(n) and moe(n) and not router(n)),
+         "experts_text": count(lambda n: not image(n) and moe(n) and not router(n)),
+         "routers_image": count(lambda n: image(n) and router(n)), "routers_text": count(lambda n: not image(n) and
+                                                                                            router(n))}
+    return t | {"frozen_params": t["clip_image_tower"] + t["clip_text_tower_and_heads"], "trainable_params": count(moe)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -865,6 +803,11 @@ def kernel_fault(device: str, dtype: torch.dtype, top_k: int, bottleneck: int) -
     return None
 
 
+def kernel_fault_of(cfg: Config) -> str | None:
+    return kernel_fault(str(resolve_device(cfg)), torch.bfloat16 if cfg.amp else torch.float32, cfg.top_k,
+                        cfg.bottleneck)
+
+
 @functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
     if rank() == 0:
@@ -874,14 +817,12 @@ def warn_once(message: str) -> None:
 def resolve_impl(cfg: Config) -> str:
     """auto = the fused Triton kernel on a CUDA GPU Triton supports, when triton imports, k * bottleneck <= 256
     and the kernel passes its check (kernel_fault); else batched, with one warning when the check failed."""
-    if cfg.moe_impl != "auto":
-        return cfg.moe_impl
     device = resolve_device(cfg)
-    if not kernel_gpu(device) or cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
-        return "batched"
-    fault = kernel_fault(str(device), torch.bfloat16 if cfg.amp else torch.float32, cfg.top_k, cfg.bottleneck)
-    if fault:
-        warn_once(f"the fused Triton kernel fails its check on {device} ({fault}): running --moe-impl batched")
+    if cfg.moe_impl != "auto" or not kernel_gpu(device) or cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
+        return "batched" if cfg.moe_impl == "auto" else cfg.moe_impl
+    if kernel_fault_of(cfg):
+        warn_once(f"the fused Triton kernel fails its check on {device} ({kernel_fault_of(cfg)}): running "
+                  f"--moe-impl batched")
         return "batched"
     return "triton"
 
@@ -893,15 +834,18 @@ def resolve_impl(cfg: Config) -> str:
 # ------------------------------------------------------------------------------------------------
 
 class TaskSelector(nn.Module):
-    """Autoencoders f -> Linear(F, h) -> ReLU -> Linear(h, F) -> Sigmoid -> f^ (spec 4.2), one per task,
-    over features f in (0, 1): `alexnet` = sigmoid(conv5 of ImageNet AlexNet before its ReLU) as the
-    authors (spec 4.1), `clip` = sigmoid(sqrt(D) * normalise(frozen CLIP image embedding))."""
+    """Autoencoders f -> Linear(F, h) -> ReLU -> Linear(h, F) -> Sigmoid -> f^ (spec 4.2), one per task (and
+    one for the reference, slot n_tasks, with --ddas-reference), over features f in (0, 1): `alexnet` =
+    sigmoid(conv5 of ImageNet AlexNet before its ReLU) as the authors (spec 4.1), `clip` = sigmoid(sqrt(D) *
+    normalise(frozen CLIP image embedding))."""
 
     def __init__(self, cfg: Config, model: nn.Module, n_tasks: int):
         super().__init__()
         self.cfg, self.kind = cfg, cfg.ddas_features
-        self.extractor = [build_alexnet_conv5(cfg)] if self.kind == "alexnet" else []  # frozen, not saved
-        dim, slots = self.features_dim(model), n_tasks + int(cfg.ddas_reference)  # slot n_tasks: the reference
+        self.extractor = [alexnet_conv5(cfg)] if self.kind == "alexnet" else []  # frozen, not saved
+        res = model.visual.input_resolution
+        dim = self.features(torch.zeros(1, 3, res, res, device=next(model.parameters()).device), model).shape[1]
+        slots = n_tasks + int(cfg.ddas_reference)
         self.autoencoders = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, cfg.ddas_hidden), nn.ReLU(), nn.Linear(cfg.ddas_hidden, dim), nn.Sigmoid())
             for _ in range(slots))
@@ -912,11 +856,6 @@ class TaskSelector(nn.Module):
     @property
     def n_tasks(self) -> int:
         return len(self.trained) - int(self.cfg.ddas_reference)
-
-    @torch.no_grad()
-    def features_dim(self, model) -> int:
-        res = model.visual.input_resolution
-        return self.features(torch.zeros(1, 3, res, res, device=next(model.parameters()).device), model).shape[1]
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, model=None) -> torch.Tensor:
@@ -937,15 +876,35 @@ class TaskSelector(nn.Module):
         err = self.errors(self.features(x))                              # [N, T]
         if self.cfg.ddas_per_batch:  # quirk Q12: one decision for the whole batch, from its mean error
             err = err.mean(0, keepdim=True).expand_as(err)
-        if self.cfg.ddas_threshold == "auto":
-            err = err / self.tau
-            tau = 1.0
-        else:
-            tau = float(self.cfg.ddas_threshold)
+        auto = self.cfg.ddas_threshold == "auto"
+        err, tau = (err / self.tau, 1.0) if auto else (err, float(self.cfg.ddas_threshold))
         if not self.cfg.ddas_all_autoencoders:  # quirk Q13 fixed: untrained autoencoders do not compete
             err = err.masked_fill(~self.trained, float("inf"))
         best, task = err.min(1)
         return torch.where((best > tau) | (task >= self.n_tasks), torch.full_like(task, -1), task)
+
+
+def reconstruction_error(ae: nn.Module, f: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of one autoencoder per image: [N]."""
+    return ((ae(f) - f) ** 2).mean(1)
+
+
+def alexnet_conv5(cfg: Config) -> nn.Module:
+    """torchvision AlexNet up to conv5, before its ReLU (features[:-2]); ImageNet weights, frozen."""
+    import torchvision
+    try:
+        weights = None if cfg.ddas_weights else torchvision.models.AlexNet_Weights.IMAGENET1K_V1
+        net = torchvision.models.alexnet(weights=weights)
+    except Exception as e:
+        raise UsageError(f"cannot download the AlexNet weights for DDAS ({type(e).__name__}): pass "
+                         f"--ddas-weights PATH, or --ddas-features clip (no second network)") from None
+    if cfg.ddas_weights not in ("", "random"):
+        try:
+            net.load_state_dict(torch.load(cfg.ddas_weights, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UsageError(f"--ddas-weights {cfg.ddas_weights} is not an AlexNet state dict "
+                             f"({type(e).__name__}): pass torchvision's alexnet-owt-7be5be79.pth or 'random'") from None
+    return net.features[:-2].eval().requires_grad_(False)
 
 
 def forever(loader):
@@ -954,50 +913,20 @@ def forever(loader):
         yield from loader
 
 
-def reconstruction_error(ae: nn.Module, f: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of one autoencoder per image: [N]."""
-    return ((ae(f) - f) ** 2).mean(1)
-
-
-def build_alexnet_conv5(cfg: Config) -> nn.Module:
-    """torchvision AlexNet up to conv5, before its ReLU (features[:-2]); ImageNet weights, frozen."""
-    import torchvision
-    if cfg.ddas_weights:  # "random", or a local state dict
-        net = torchvision.models.alexnet(weights=None)
-    if cfg.ddas_weights not in ("", "random"):
-        try:
-            net.load_state_dict(torch.load(cfg.ddas_weights, map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise UsageError(f"--ddas-weights {cfg.ddas_weights} is not an AlexNet state dict "
-                             f"({type(e).__name__}): pass torchvision's alexnet-owt-7be5be79.pth or 'random'") from None
-    if not cfg.ddas_weights:
-        try:
-            net = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
-        except Exception as e:
-            raise UsageError(f"cannot download the AlexNet weights for DDAS ({type(e).__name__}): pass "
-                             f"--ddas-weights PATH, or --ddas-features clip (no second network)") from None
-    extractor = net.features[:-2].eval()
-    for p in extractor.parameters():
-        p.requires_grad_(False)
-    return extractor
-
-
 def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device, iters: int | None = None,
                  epoch_batches: int | None = None) -> float:
-    """Train autoencoder `slot` on its images as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1
-    steps of the loader's augmented batches of 64, features extracted as they come; lr = ddas_lr 0.1^(e // 10)
-    with e = step // epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15;
-    --no-ddas-step-lr: constant). Then its threshold tau_slot: the --ddas-quantile quantile of its errors on
-    (up to 4,096 of) its images. Defaults: --ddas-iters steps, and the loader's own batches for an epoch."""
+    """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps of the
+    loader's augmented batches, features extracted as they come, lr = ddas_lr 0.1^(e // 10) with e = step //
+    epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15; --no-ddas-step-lr:
+    constant). Then tau_slot = the --ddas-quantile quantile of its errors on (up to 4,096 of) its images."""
     iters, epoch_batches = iters or cfg.ddas_iters, epoch_batches or len(loader)
     ae = selector.autoencoders[slot].train()
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
     batches = forever(loader)
-    name = "reference autoencoder" if slot >= selector.n_tasks else f"DDAS autoencoder {slot + 1}"
-    for step in progress(range(iters + 1), name):
+    for step in progress(range(iters + 1), "reference autoencoder" if slot >= selector.n_tasks else
+                         f"DDAS autoencoder {slot + 1}"):
         if cfg.ddas_step_lr:
-            for g in opt.param_groups:
-                g["lr"] = cfg.ddas_lr * 0.1 ** (step // epoch_batches // 10)
+            opt.param_groups[0]["lr"] = cfg.ddas_lr * 0.1 ** (step // epoch_batches // 10)
         f = selector.features(next(batches)[0].to(device))
         loss = F.mse_loss(ae(f), f)
         opt.zero_grad(set_to_none=True)
@@ -1015,91 +944,88 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
     return loss.item()
 
 
+def fit_on_rank_zero(selector: TaskSelector, cfg: Config, images, slot: int, device, iters: int,
+                     epoch_batches: int) -> None:
+    """Rank 0 fits autoencoder `slot` on the images (shuffled batches of 64, spec 4.2); every rank gets its
+    weights and threshold."""
+    if rank() == 0:
+        loader = torch.utils.data.DataLoader(images, batch_size=64, shuffle=True, num_workers=cfg.workers)
+        fit_selector(selector, cfg, loader, slot, device, iters, epoch_batches)
+    selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
+
+
 # ------------------------------------------------------------------------------------------------
-# Data: class orders, task splits, CIFAR-100 and TinyImageNet through torchvision, and an offline
-# synthetic world (coloured shapes) with a tiny CLIP pretrained on part of it.
+# Data: class orders, task splits, CIFAR-100, TinyImageNet and the 11 MTIL data sets through
+# torchvision, and an offline synthetic world (coloured shapes) with a tiny CLIP pretrained on part of it.
 # ------------------------------------------------------------------------------------------------
 
 CIFAR100_ORDER = [  # spec Appendix A (the iCaRL 'seed 1993' order)
-    87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24,
-    32, 45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20,
-    80, 73, 1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70,
-    90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26,
-    35, 39,
-]
+    87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11, 4,
+    67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9,
+    31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56,
+    48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39]
 TINYIMAGENET_ORDER = [  # spec Appendix B
-    131, 181, 22, 172, 144, 92, 97, 187, 58, 93, 6, 70, 106, 68, 153, 168, 179, 199, 29, 46, 9, 142,
-    134, 88, 193, 110, 26, 32, 117, 112, 17, 39, 166, 13, 94, 138, 109, 147, 51, 101, 59, 188, 116,
-    5, 170, 99, 100, 167, 180, 146, 65, 1, 104, 43, 38, 184, 123, 171, 137, 162, 71, 44, 95, 174,
-    12, 7, 54, 152, 21, 47, 28, 176, 34, 2, 132, 118, 42, 189, 150, 14, 165, 41, 192, 45, 82, 128,
-    63, 57, 197, 160, 53, 75, 108, 135, 121, 159, 183, 67, 169, 50, 87, 69, 89, 196, 115, 19, 148,
-    96, 86, 11, 8, 60, 33, 173, 78, 4, 119, 105, 182, 127, 177, 30, 186, 40, 49, 178, 76, 157, 161,
-    73, 164, 151, 31, 74, 191, 27, 125, 198, 81, 20, 155, 114, 139, 36, 61, 56, 145, 48, 16, 83, 62,
-    85, 126, 0, 102, 23, 3, 140, 15, 195, 133, 113, 190, 141, 52, 163, 156, 80, 111, 90, 175, 143,
-    120, 84, 18, 25, 79, 37, 154, 136, 64, 158, 24, 185, 72, 35, 129, 55, 149, 91, 122, 77, 103,
-    124, 130, 66, 10, 107, 194, 98,
-]
+    131, 181, 22, 172, 144, 92, 97, 187, 58, 93, 6, 70, 106, 68, 153, 168, 179, 199, 29, 46, 9, 142, 134, 88, 193,
+    110, 26, 32, 117, 112, 17, 39, 166, 13, 94, 138, 109, 147, 51, 101, 59, 188, 116, 5, 170, 99, 100, 167, 180,
+    146, 65, 1, 104, 43, 38, 184, 123, 171, 137, 162, 71, 44, 95, 174, 12, 7, 54, 152, 21, 47, 28, 176, 34, 2, 132,
+    118, 42, 189, 150, 14, 165, 41, 192, 45, 82, 128, 63, 57, 197, 160, 53, 75, 108, 135, 121, 159, 183, 67, 169,
+    50, 87, 69, 89, 196, 115, 19, 148, 96, 86, 11, 8, 60, 33, 173, 78, 4, 119, 105, 182, 127, 177, 30, 186, 40, 49,
+    178, 76, 157, 161, 73, 164, 151, 31, 74, 191, 27, 125, 198, 81, 20, 155, 114, 139, 36, 61, 56, 145, 48, 16, 83,
+    62, 85, 126, 0, 102, 23, 3, 140, 15, 195, 133, 113, 190, 141, 52, 163, 156, 80, 111, 90, 175, 143, 120, 84, 18,
+    25, 79, 37, 154, 136, 64, 158, 24, 185, 72, 35, 129, 55, 149, 91, 122, 77, 103, 124, 130, 66, 10, 107, 194, 98]
 TINYIMAGENET_NAMES = dict(p.split("=") for p in (  # wnid=name, in wnids.txt order (spec Appendix B)
-    "n02124075=Egyptian Mau; n04067472=fishing casting reel; n04540053=volleyball; "
-    "n04099969=rocking chair; n07749582=lemon; n01641577=American bullfrog; n02802426=basketball; "
-    "n09246464=cliff; n07920052=espresso; n03970156=plunger; n03891332=parking meter; "
-    "n02106662=German Shepherd Dog; n03201208=dining table; n02279972=monarch butterfly; "
-    "n02132136=brown bear; n04146614=school bus; n07873807=pizza; n02364673=guinea pig; "
-    "n04507155=umbrella; n03854065=pipe organ; n03838899=oboe; n03733131=maypole; "
-    "n01443537=goldfish; n07875152=pot pie; n03544143=hourglass; n09428293=beach; "
-    "n03085013=computer keyboard; n02437312=arabian camel; n07614500=ice cream; n03804744=metal "
-    "nail; n04265275=space heater; n02963159=cardigan; n02486410=baboon; n01944390=snail; "
-    "n09256479=coral reef; n02058221=albatross; n04275548=spider web; n02321529=sea cucumber; "
-    "n02769748=backpack; n02099712=Labrador Retriever; n07695742=pretzel; n02056570=king penguin; "
-    "n02281406=sulphur butterfly; n01774750=tarantula; n02509815=red panda; n03983396=soda bottle; "
-    "n07753592=banana; n04254777=sock; n02233338=cockroach; n04008634=missile; n02823428=beer "
-    "bottle; n02236044=praying mantis; n03393912=freight car; n07583066=guacamole; n04074963=remote "
-    "control; n01629819=fire salamander; n09332890=lakeshore; n02481823=chimpanzee; "
-    "n03902125=payphone; n03404251=fur coat; n09193705=mountain; n03637318=lampshade; "
-    "n04456115=torch; n02666196=abacus; n03796401=moving van; n02795169=barrel; n02123045=tabby "
-    "cat; n01855672=goose; n01882714=koala; n02917067=high-speed train; n02988304=CD player; "
-    "n04398044=teapot; n02843684=birdhouse; n02423022=gazelle; n02669723=academic gown; "
-    "n04465501=tractor; n02165456=ladybug; n03770439=miniskirt; n02099601=Golden Retriever; "
-    "n04486054=triumphal arch; n02950826=cannon; n03814639=neck brace; n04259630=sombrero; "
-    "n03424325=gas mask or respirator; n02948072=candle; n03179701=desk; n03400231=frying pan; "
-    "n02206856=bee; n03160309=dam; n01984695=spiny lobster; n03977966=police van; n03584254=iPod; "
-    "n04023962=punching bag; n02814860=lighthouse; n01910747=jellyfish; n04596742=wok; "
-    "n03992509=potter's wheel; n04133789=sandal; n03937543=pill bottle; n02927161=butcher shop; "
-    "n01945685=slug; n02395406=pig; n02125311=cougar; n03126707=construction crane; "
-    "n04532106=vestment; n02268443=dragonfly; n02977058=automated teller machine; "
-    "n07734744=mushroom; n03599486=rickshaw; n04562935=water tower; n03014705=storage chest; "
-    "n04251144=snorkel; n04356056=sunglasses; n02190166=fly; n03670208=limousine; n02002724=black "
-    "stork; n02074367=dugong; n04285008=sports car; n04560804=water jug; n04366367=suspension "
-    "bridge; n02403003=ox; n07615774=popsicle; n04501370=turnstile; n03026506=Christmas stocking; "
-    "n02906734=broom; n01770393=scorpion; n04597913=wooden spoon; n03930313=picket fence; "
-    "n04118538=rugby ball; n04179913=sewing machine; n04311004=through arch bridge; "
-    "n02123394=Persian cat; n04070727=refrigerator; n02793495=barn; n02730930=apron; "
-    "n02094433=Yorkshire Terrier; n04371430=swim trunks / shorts; n04328186=stopwatch; "
-    "n03649909=lawn mower; n04417672=thatched roof; n03388043=fountain; n01774384=southern black "
-    "widow; n02837789=bikini; n07579787=plate; n04399382=teddy bear; n02791270=barbershop; "
-    "n03089624=candy store; n02814533=station wagon; n04149813=scoreboard; n07747607=orange; "
-    "n03355925=flagpole; n01983481=American lobster; n04487081=trolleybus; n03250847=drumstick; "
-    "n03255030=dumbbell; n02892201=brass memorial plaque; n02883205=bow tie; n03100240=convertible; "
-    "n02415577=bighorn sheep; n02480495=orangutan; n01698640=American alligator; "
-    "n01784675=centipede; n04376876=syringe; n03444034=go-kart; n01917289=brain coral; "
-    "n01950731=sea slug; n03042490=cliff dwelling; n07711569=mashed potatoes; n04532670=viaduct; "
-    "n03763968=military uniform; n07768694=pomegranate; n02999410=chain; n03617480=kimono; "
-    "n06596364=comic book; n01768244=trilobite; n02410509=bison; n03976657=pole; n01742172=boa "
-    "constrictor; n03980874=poncho; n02808440=bathtub; n02226429=grasshopper; n02231487=stick "
-    "insect; n02085620=Chihuahua; n01644900=tailed frog; n02129165=lion; n02699494=altar; "
-    "n03837869=obelisk; n02815834=beaker; n07720875=bell pepper; n02788148=baluster / handrail; "
-    "n02909870=bucket; n03706229=magnetic compass; n07871810=meatloaf; n03447447=gondola; "
-    "n02113799=Standard Poodle; n12267677=acorn; n03662601=lifeboat; n02841315=binoculars; "
-    "n07715103=cauliflower; n02504458=African bush elephant"
+    'n02124075=Egyptian Mau; n04067472=fishing casting reel; n04540053=volleyball; n04099969=rocking chair; '
+    'n07749582=lemon; n01641577=American bullfrog; n02802426=basketball; n09246464=cliff; n07920052=espresso; '
+    'n03970156=plunger; n03891332=parking meter; n02106662=German Shepherd Dog; n03201208=dining table; '
+    'n02279972=monarch butterfly; n02132136=brown bear; n04146614=school bus; n07873807=pizza; n02364673=guinea '
+    'pig; n04507155=umbrella; n03854065=pipe organ; n03838899=oboe; n03733131=maypole; n01443537=goldfish; '
+    'n07875152=pot pie; n03544143=hourglass; n09428293=beach; n03085013=computer keyboard; n02437312=arabian '
+    'camel; n07614500=ice cream; n03804744=metal nail; n04265275=space heater; n02963159=cardigan; '
+    'n02486410=baboon; n01944390=snail; n09256479=coral reef; n02058221=albatross; n04275548=spider web; '
+    'n02321529=sea cucumber; n02769748=backpack; n02099712=Labrador Retriever; n07695742=pretzel; n02056570=king '
+    'penguin; n02281406=sulphur butterfly; n01774750=tarantula; n02509815=red panda; n03983396=soda bottle; '
+    'n07753592=banana; n04254777=sock; n02233338=cockroach; n04008634=missile; n02823428=beer bottle; '
+    'n02236044=praying mantis; n03393912=freight car; n07583066=guacamole; n04074963=remote control; '
+    'n01629819=fire salamander; n09332890=lakeshore; n02481823=chimpanzee; n03902125=payphone; n03404251=fur coat; '
+    'n09193705=mountain; n03637318=lampshade; n04456115=torch; n02666196=abacus; n03796401=moving van; '
+    'n02795169=barrel; n02123045=tabby cat; n01855672=goose; n01882714=koala; n02917067=high-speed train; '
+    'n02988304=CD player; n04398044=teapot; n02843684=birdhouse; n02423022=gazelle; n02669723=academic gown; '
+    'n04465501=tractor; n02165456=ladybug; n03770439=miniskirt; n02099601=Golden Retriever; n04486054=triumphal '
+    'arch; n02950826=cannon; n03814639=neck brace; n04259630=sombrero; n03424325=gas mask or respirator; '
+    'n02948072=candle; n03179701=desk; n03400231=frying pan; n02206856=bee; n03160309=dam; n01984695=spiny '
+    'lobster; n03977966=police van; n03584254=iPod; n04023962=punching bag; n02814860=lighthouse; '
+    "n01910747=jellyfish; n04596742=wok; n03992509=potter's wheel; n04133789=sandal; n03937543=pill bottle; "
+    'n02927161=butcher shop; n01945685=slug; n02395406=pig; n02125311=cougar; n03126707=construction crane; '
+    'n04532106=vestment; n02268443=dragonfly; n02977058=automated teller machine; n07734744=mushroom; '
+    'n03599486=rickshaw; n04562935=water tower; n03014705=storage chest; n04251144=snorkel; n04356056=sunglasses; '
+    'n02190166=fly; n03670208=limousine; n02002724=black stork; n02074367=dugong; n04285008=sports car; '
+    'n04560804=water jug; n04366367=suspension bridge; n02403003=ox; n07615774=popsicle; n04501370=turnstile; '
+    'n03026506=Christmas stocking; n02906734=broom; n01770393=scorpion; n04597913=wooden spoon; n03930313=picket '
+    'fence; n04118538=rugby ball; n04179913=sewing machine; n04311004=through arch bridge; n02123394=Persian cat; '
+    'n04070727=refrigerator; n02793495=barn; n02730930=apron; n02094433=Yorkshire Terrier; n04371430=swim trunks / '
+    'shorts; n04328186=stopwatch; n03649909=lawn mower; n04417672=thatched roof; n03388043=fountain; '
+    'n01774384=southern black widow; n02837789=bikini; n07579787=plate; n04399382=teddy bear; '
+    'n02791270=barbershop; n03089624=candy store; n02814533=station wagon; n04149813=scoreboard; n07747607=orange; '
+    'n03355925=flagpole; n01983481=American lobster; n04487081=trolleybus; n03250847=drumstick; '
+    'n03255030=dumbbell; n02892201=brass memorial plaque; n02883205=bow tie; n03100240=convertible; '
+    'n02415577=bighorn sheep; n02480495=orangutan; n01698640=American alligator; n01784675=centipede; '
+    'n04376876=syringe; n03444034=go-kart; n01917289=brain coral; n01950731=sea slug; n03042490=cliff dwelling; '
+    'n07711569=mashed potatoes; n04532670=viaduct; n03763968=military uniform; n07768694=pomegranate; '
+    'n02999410=chain; n03617480=kimono; n06596364=comic book; n01768244=trilobite; n02410509=bison; '
+    'n03976657=pole; n01742172=boa constrictor; n03980874=poncho; n02808440=bathtub; n02226429=grasshopper; '
+    'n02231487=stick insect; n02085620=Chihuahua; n01644900=tailed frog; n02129165=lion; n02699494=altar; '
+    'n03837869=obelisk; n02815834=beaker; n07720875=bell pepper; n02788148=baluster / handrail; n02909870=bucket; '
+    'n03706229=magnetic compass; n07871810=meatloaf; n03447447=gondola; n02113799=Standard Poodle; '
+    'n12267677=acorn; n03662601=lifeboat; n02841315=binoculars; n07715103=cauliflower; n02504458=African bush '
+    'elephant'
 ).split("; "))
-
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
 class Benchmark:
-    """A class-incremental benchmark. Labels are positions in the class order, so task t holds the
-    contiguous label range splits[t] = (start, end) and 'classes seen so far' is a prefix."""
+    """A continual benchmark. Labels are positions in the class order, so task t holds the contiguous label
+    range splits[t] = (start, end) and 'classes seen so far' is a prefix."""
     class_names: list          # in class order
     splits: list               # [(start, end)] per task
     train: torch.utils.data.Dataset
@@ -1110,7 +1036,7 @@ class Benchmark:
     templates: list = None     # per task, its prompt templates (training uses the first; evaluation averages all)
     task_names: list = None    # per task, e.g. the data set's name
     lrs: list = None           # per task, its own learning rate (MTIL, spec 5.2), used with --dataset-lr
-    full_train: list = None    # per task, its training images before --shots (DDAS's lr schedule counts their batches)
+    full_train: list = None    # per task, its training images before --shots (DDAS's lr schedule counts them)
     reference: torch.utils.data.Dataset = None  # --ddas-reference: the reference autoencoder's images
     reference_full: int = 0    # and how many there are before --shots
 
@@ -1121,8 +1047,7 @@ class Benchmark:
         return max(1, math.ceil(n / batch))
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
-        labels = self.train_labels if split == "train" else self.test_labels
-        lo, hi = self.splits[task]
+        labels, (lo, hi) = self.train_labels if split == "train" else self.test_labels, self.splits[task]
         return torch.utils.data.Subset(getattr(self, split), np.flatnonzero((labels >= lo) & (labels < hi)).tolist())
 
 
@@ -1144,6 +1069,29 @@ class Relabeled(torch.utils.data.Dataset):
         return x, int(self.position[y])
 
 
+class Transformed(torch.utils.data.Dataset):
+    """A subset of an untransformed data set, with its own transform (the 80/20 splits)."""
+
+    def __init__(self, ds, indices: list, transform):
+        self.ds, self.indices, self.transform = ds, indices, transform
+        self.targets = [labels_of(ds)[i] for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, y = self.ds[self.indices[i]]
+        return self.transform(image), y
+
+
+def labels_of(ds) -> list:
+    """Labels of a torchvision data set without loading its images."""
+    for attr in ("targets", "_labels", "y"):
+        if hasattr(ds, attr):
+            return [int(y) for y in getattr(ds, attr)]
+    return [int(y) for _, y in ds._samples]  # StanfordCars
+
+
 def listed_files(ds) -> list:
     """The image files a folder-based data set lists, in its order (none for CIFAR-100 and MNIST: arrays)."""
     if isinstance(ds, TinyImageNetFolder):
@@ -1151,10 +1099,8 @@ def listed_files(ds) -> list:
     if hasattr(ds, "categories") and hasattr(ds, "index"):  # Caltech101 counts image_0001.jpg ... per category
         return [os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
                 for y, i in zip(ds.y, ds.index)]
-    for attr in ("_image_files", "_images", "samples", "_samples"):
-        if hasattr(ds, attr):
-            return [str(item[0] if isinstance(item, tuple) else item) for item in getattr(ds, attr)]
-    return []
+    attr = next((a for a in ("_image_files", "_images", "samples", "_samples") if hasattr(ds, a)), None)
+    return [str(item[0] if isinstance(item, tuple) else item) for item in getattr(ds, attr)] if attr else []
 
 
 def file_of(ds, i: int) -> str:
@@ -1182,11 +1128,9 @@ def transforms(resolution: int):
     """CLIP's preprocessing (spec 1). Train: RandomResizedCrop(scale 0.9-1, bicubic), no flip; eval:
     Resize + CenterCrop. Both end in CLIP's normalisation."""
     import torchvision.transforms as T
-    bicubic = T.InterpolationMode.BICUBIC
-    tail = [to_rgb, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    train = T.Compose([T.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] + tail)
-    test = T.Compose([T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)] + tail)
-    return train, test
+    bicubic, tail = T.InterpolationMode.BICUBIC, [to_rgb, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    return (T.Compose([T.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] + tail),
+            T.Compose([T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)] + tail))
 
 
 def even_splits(n_classes: int, tasks: int, base: int = 0) -> list:
@@ -1195,24 +1139,17 @@ def even_splits(n_classes: int, tasks: int, base: int = 0) -> list:
     return ([(0, base)] if base else []) + [(base + t * inc, base + (t + 1) * inc) for t in range(tasks)]
 
 
+def in_class_order(train, test, names: list, order: list, splits: list) -> Benchmark:
+    """A class-incremental benchmark of one data set whose classes are learned in `order`."""
+    position = np.argsort(order)  # original label -> position in the class order
+    return Benchmark([names[c] for c in order], splits, Relabeled(train, position), Relabeled(test, position),
+                     position[labels_of(train)], position[labels_of(test)])
+
+
 def load_cifar100(cfg: Config, resolution: int) -> Benchmark:
-    import torchvision
     train_tf, test_tf = transforms(resolution)
-    root = os.path.expanduser(cfg.data_root)
-    try:
-        train = torchvision.datasets.CIFAR100(root, train=True, download=cfg.download, transform=train_tf)
-        test = torchvision.datasets.CIFAR100(root, train=False, download=cfg.download,
-                                             transform=train_tf if cfg.eval_train_transform else test_tf)
-    except RuntimeError:
-        raise UsageError(f"CIFAR-100 not found (or corrupt) in {os.path.join(root, 'cifar-100-python')}: add "
-                         f"--download (needs internet) or unpack cifar-100-python.tar.gz into {root}") from None
-    except Exception as e:  # offline download: URLError and friends
-        raise UsageError(f"could not download CIFAR-100 into {root} ({type(e).__name__}): copy "
-                         f"cifar-100-python.tar.gz there by hand and unpack it") from None
-    position = np.argsort(CIFAR100_ORDER)  # original label -> position in the class order
-    names = [train.classes[c] for c in CIFAR100_ORDER]
-    return Benchmark(names, even_splits(100, cfg.tasks), Relabeled(train, position), Relabeled(test, position),
-                     position[np.asarray(train.targets)], position[np.asarray(test.targets)])
+    train, test, _ = open_dataset("CIFAR100", cfg, train_tf, train_tf if cfg.eval_train_transform else test_tf)
+    return in_class_order(train, test, train.classes, CIFAR100_ORDER, even_splits(100, cfg.tasks))
 
 
 class TinyImageNetFolder(torch.utils.data.Dataset):
@@ -1228,8 +1165,7 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
             self.items = [(os.path.join(base, "train", w, "images", f), index[w]) for w in self.wnids
                           for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
         else:
-            rows = [line.split("\t") for line in open(os.path.join(base, "val", "val_annotations.txt"))
-                    if line.strip()]
+            rows = [line.split("\t") for line in open(os.path.join(base, "val", "val_annotations.txt")) if line.strip()]
             self.items = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
         self.targets = [y for _, y in self.items]
 
@@ -1242,17 +1178,15 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
 
 
 def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
-    base = os.path.join(os.path.expanduser(cfg.data_root), "tiny-imagenet-200")
+    base = os.path.join(cfg.data_root, "tiny-imagenet-200")
     try:
         ds = TinyImageNetFolder(base, split, transform)
+        if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
+            raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
+        return check_files(ds)
     except (OSError, KeyError, IndexError) as e:
         raise UsageError(f"TinyImageNet not found (or incomplete) in {base} ({type(e).__name__}: {e}): unpack "
-                         f"tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip into "
-                         f"{os.path.dirname(base)}") from None
-    if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
-        raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
-    try:
-        return check_files(ds)
+                         f"http://cs231n.stanford.edu/tiny-imagenet-200.zip into {cfg.data_root}") from None
     except UsageError as e:
         raise UsageError(f"TinyImageNet in {base}: {e}") from None
 
@@ -1261,80 +1195,75 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
     train_tf, test_tf = transforms(resolution)
     train = tiny_imagenet(cfg, "train", train_tf)
     test = tiny_imagenet(cfg, "val", train_tf if cfg.eval_train_transform else test_tf)
-    position = np.argsort(TINYIMAGENET_ORDER)
-    names = [list(TINYIMAGENET_NAMES.values())[c] for c in TINYIMAGENET_ORDER]
-    return Benchmark(names, even_splits(200, cfg.tasks, base=100), Relabeled(train, position),
-                     Relabeled(test, position), position[np.asarray(train.targets)],
-                     position[np.asarray(test.targets)])
+    return in_class_order(train, test, list(TINYIMAGENET_NAMES.values()), TINYIMAGENET_ORDER,
+                          even_splits(200, cfg.tasks, base=100))
 
 
 # -- MTIL: 11 data sets through torchvision (spec 9.1) --------------------------------------------
 MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluation averages all
-    "Aircraft": 'a photo of a {}, a type of aircraft.; a photo of the {}, a type of aircraft.',
-    "Caltech101": 'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a'
-        ' tattoo of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a '
-        'video game.; a plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; '
-        'a doodle of a {}.; a photo of the {}.; a painting of the {}.; the plastic {}.; a sculpture of '
-        'the {}.; a sketch of the {}.; a tattoo of the {}.; the toy {}.; a rendition of the {}.; the '
-        'embroidered {}.; the cartoon {}.; the {} in a video game.; the plushie {}.; the origami {}.; art'
-        ' of the {}.; graffiti of the {}.; a drawing of the {}.; a doodle of the {}.',
-    "CIFAR100": 'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast '
-        'photo of a {}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a '
-        'photo of a small {}.; a photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a '
-        'black and white photo of the {}.; a low contrast photo of the {}.; a high contrast photo of the '
-        '{}.; a bad photo of the {}.; a good photo of the {}.; a photo of the small {}.; a photo of the '
-        'big {}.',
-    "DTD": 'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} '
-        'object.; a photo of the {} texture.; a photo of the {} pattern.; a photo of the {} thing.; a '
-        'photo of the {} object.',
-    "EuroSAT": 'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite '
-        'photo of the {}.',
-    "Flowers": 'a photo of a {}, a type of flower.',
-    "Food": 'a photo of a {}, a type of food.',
-    "MNIST": 'a photo of the number: "{}".',
-    "OxfordPet": 'a photo of a {}, a type of pet.',
-    "StanfordCars": 'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love'
-        ' my {}!; a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my '
-        'old {}.',
-    "SUN397": 'a photo of a {}.; a photo of the {}.',
+    'Aircraft': 'a photo of a {}, a type of aircraft.; a photo of the {}, a type of aircraft.',
+    'Caltech101':
+        'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a tattoo '
+        'of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a video game.; a '
+        'plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; a doodle of a {}.; a '
+        'photo of the {}.; a painting of the {}.; the plastic {}.; a sculpture of the {}.; a sketch of the {}.; a '
+        'tattoo of the {}.; the toy {}.; a rendition of the {}.; the embroidered {}.; the cartoon {}.; the {} in a '
+        'video game.; the plushie {}.; the origami {}.; art of the {}.; graffiti of the {}.; a drawing of the {}.; '
+        'a doodle of the {}.',
+    'CIFAR100':
+        'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast photo of a '
+        '{}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a photo of a small {}.; '
+        'a photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a black and white photo of the {}.; '
+        'a low contrast photo of the {}.; a high contrast photo of the {}.; a bad photo of the {}.; a good photo '
+        'of the {}.; a photo of the small {}.; a photo of the big {}.',
+    'DTD':
+        'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} object.; a '
+        'photo of the {} texture.; a photo of the {} pattern.; a photo of the {} thing.; a photo of the {} object.',
+    'EuroSAT':
+        'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite photo of the '
+        '{}.',
+    'Flowers': 'a photo of a {}, a type of flower.',
+    'Food': 'a photo of a {}, a type of food.',
+    'MNIST': 'a photo of the number: "{}".',
+    'OxfordPet': 'a photo of a {}, a type of pet.',
+    'StanfordCars':
+        'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love my {}!; '
+        'a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my old {}.',
+    'SUN397': 'a photo of a {}.; a photo of the {}.',
 }
 CALTECH101_NAMES = (  # spec Appendix C
-    'off-center face; centered face; leopard; motorbike; accordion; airplane; anchor; ant; barrel; bass; '
-    'beaver; binocular; bonsai; brain; brontosaurus; buddha; butterfly; camera; cannon; side of a car; '
-    'ceiling fan; cellphone; chair; chandelier; body of a cougar cat; face of a cougar cat; crab; '
-    'crayfish; crocodile; head of a  crocodile; cup; dalmatian; dollar bill; '
-    'dolphin; dragonfly; electric guitar; elephant; emu; euphonium; ewer; ferry; flamingo; head of a '
-    'flamingo; garfield; gerenuk; gramophone; grand piano; hawksbill; headphone; hedgehog; helicopter; '
-    'ibis; inline skate; joshua tree; kangaroo; ketch; lamp; laptop; llama; lobster; lotus; mandolin; '
-    'mayfly; menorah; metronome; minaret; nautilus; octopus; okapi; pagoda; panda; pigeon; pizza; '
-    'platypus; pyramid; revolver; rhino; rooster; saxophone; schooner; scissors; scorpion; sea horse; '
-    'snoopy (cartoon beagle); soccer ball; stapler; starfish; stegosaurus; stop sign; strawberry; '
-    'sunflower; tick; trilobite; umbrella; watch; water lilly; wheelchair; wild cat; windsor chair; '
-    'wrench; yin and yang symbol'
+    'off-center face; centered face; leopard; motorbike; accordion; airplane; anchor; ant; barrel; bass; beaver; '
+    'binocular; bonsai; brain; brontosaurus; buddha; butterfly; camera; cannon; side of a car; ceiling fan; '
+    'cellphone; chair; chandelier; body of a cougar cat; face of a cougar cat; crab; crayfish; crocodile; head of '
+    'a  crocodile; cup; dalmatian; dollar bill; dolphin; dragonfly; electric guitar; elephant; emu; euphonium; '
+    'ewer; ferry; flamingo; head of a flamingo; garfield; gerenuk; gramophone; grand piano; hawksbill; headphone; '
+    'hedgehog; helicopter; ibis; inline skate; joshua tree; kangaroo; ketch; lamp; laptop; llama; lobster; lotus; '
+    'mandolin; mayfly; menorah; metronome; minaret; nautilus; octopus; okapi; pagoda; panda; pigeon; pizza; '
+    'platypus; pyramid; revolver; rhino; rooster; saxophone; schooner; scissors; scorpion; sea horse; snoopy '
+    '(cartoon beagle); soccer ball; stapler; starfish; stegosaurus; stop sign; strawberry; sunflower; tick; '
+    'trilobite; umbrella; watch; water lilly; wheelchair; wild cat; windsor chair; wrench; yin and yang symbol'
 ).split("; ")
 EUROSAT_NAMES = (  # spec Appendix C
-    'annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or '
-    'commercial buildings; pasture land; permanent crop land; residential buildings or homes or '
-    'apartments; river; lake or sea'
+    'annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or commercial '
+    'buildings; pasture land; permanent crop land; residential buildings or homes or apartments; river; lake or '
+    'sea'
 ).split("; ")
 FLOWERS102_NAMES = (  # spec Appendix C
-    'pink primrose; hard-leaved pocket orchid; canterbury bells; sweet pea; english marigold; tiger lily;'
-    " moon orchid; bird of paradise; monkshood; globe thistle; snapdragon; colt's foot; king protea; "
-    'spear thistle; yellow iris; globe-flower; purple coneflower; peruvian lily; balloon flower; giant '
-    'white arum lily; fire lily; pincushion flower; fritillary; red ginger; grape hyacinth; corn poppy; '
-    'prince of wales feathers; stemless gentian; artichoke; sweet william; carnation; garden phlox; love '
-    'in the mist; mexican aster; alpine sea holly; ruby-lipped cattleya; cape flower; great masterwort; '
-    'siam tulip; lenten rose; barbeton daisy; daffodil; sword lily; poinsettia; bolero deep blue; '
-    'wallflower; marigold; buttercup; oxeye daisy; common dandelion; petunia; wild pansy; primula; '
-    'sunflower; pelargonium; bishop of llandaff; gaura; geranium; orange dahlia; pink-yellow dahlia; '
-    'cautleya spicata; japanese anemone; black-eyed susan; silverbush; californian poppy; osteospermum; '
-    'spring crocus; bearded iris; windflower; tree poppy; gazania; azalea; water lily; rose; thorn apple;'
-    ' morning glory; passion flower; lotus; toad lily; anthurium; frangipani; clematis; hibiscus; '
-    'columbine; desert-rose; tree mallow; magnolia; cyclamen; watercress; canna lily; hippeastrum; bee '
-    'balm; ball moss; foxglove; bougainvillea; camellia; mallow; mexican petunia; bromelia; blanket '
-    'flower; trumpet creeper; blackberry lily'
+    'pink primrose; hard-leaved pocket orchid; canterbury bells; sweet pea; english marigold; tiger lily; moon '
+    "orchid; bird of paradise; monkshood; globe thistle; snapdragon; colt's foot; king protea; spear thistle; "
+    'yellow iris; globe-flower; purple coneflower; peruvian lily; balloon flower; giant white arum lily; fire '
+    'lily; pincushion flower; fritillary; red ginger; grape hyacinth; corn poppy; prince of wales feathers; '
+    'stemless gentian; artichoke; sweet william; carnation; garden phlox; love in the mist; mexican aster; alpine '
+    'sea holly; ruby-lipped cattleya; cape flower; great masterwort; siam tulip; lenten rose; barbeton daisy; '
+    'daffodil; sword lily; poinsettia; bolero deep blue; wallflower; marigold; buttercup; oxeye daisy; common '
+    'dandelion; petunia; wild pansy; primula; sunflower; pelargonium; bishop of llandaff; gaura; geranium; orange '
+    'dahlia; pink-yellow dahlia; cautleya spicata; japanese anemone; black-eyed susan; silverbush; californian '
+    'poppy; osteospermum; spring crocus; bearded iris; windflower; tree poppy; gazania; azalea; water lily; rose; '
+    'thorn apple; morning glory; passion flower; lotus; toad lily; anthurium; frangipani; clematis; hibiscus; '
+    'columbine; desert-rose; tree mallow; magnolia; cyclamen; watercress; canna lily; hippeastrum; bee balm; ball '
+    'moss; foxglove; bougainvillea; camellia; mallow; mexican petunia; bromelia; blanket flower; trumpet creeper; '
+    'blackberry lily'
 ).split("; ")
-
 MTIL_ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
                 "StanfordCars", "SUN397"]
 MTIL_ORDER_II = [MTIL_ORDER_I[i] for i in (9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2)]  # ZSCL's permutation (spec 5.2)
@@ -1375,13 +1304,13 @@ def datasets_needed(cfg: Config) -> list:
 
 def missing_data(cfg: Config) -> list:
     """One line per data set the run needs that is not on disk and will not be downloaded, with its fix."""
-    root, problems, need = os.path.expanduser(cfg.data_root), [], datasets_needed(cfg)
+    problems, need = [], datasets_needed(cfg)
     for name in need:
-        folder, files = DATA_FILES[name]
-        absent = [f for f in files.split() if not os.path.exists(os.path.join(root, folder, f))]
+        folder = os.path.join(cfg.data_root, DATA_FILES[name][0])
+        absent = [f for f in DATA_FILES[name][1].split() if not os.path.exists(os.path.join(folder, f))]
         if absent and not (cfg.download and name not in BY_HAND):
             fix = BY_HAND.get(name, "add --download (needs internet), or place it there as torchvision lays it out")
-            problems.append(f"{name}: {os.path.join(root, folder)} lacks {', '.join(absent)} ({fix})")
+            problems.append(f"{name}: {folder} lacks {', '.join(absent)} ({fix})")
     needs_scipy = {"Caltech101", "Flowers", "StanfordCars"} & set(need)
     if needs_scipy and importlib.util.find_spec("scipy") is None:
         problems.append(f"torchvision reads {', '.join(sorted(needs_scipy))} with scipy: pip install scipy")
@@ -1397,11 +1326,9 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
         if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
             ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels),
                                                                 key=lambda item: str(item[0]))))
-        n_train = int(0.8 * len(ds))
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
+        n_train, perm = int(0.8 * len(ds)), torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
         names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name, names)
-        train, test = (Transformed(ds, perm[:n_train], train_tf), Transformed(ds, perm[n_train:], test_tf))
-        return train, test, names
+        return Transformed(ds, perm[:n_train], train_tf), Transformed(ds, perm[n_train:], test_tf), names
     split = {"Aircraft": lambda s, tf: D.FGVCAircraft(root, split=s, annotation_level="variant", transform=tf,
                                                       download=download),
              "CIFAR100": lambda s, tf: D.CIFAR100(root, train=s == "train", transform=tf, download=download),
@@ -1414,58 +1341,37 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
              # torchvision's StanfordCars refuses download=True whatever is on disk (its URL is gone)
              "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=False)}[name]
     train, names = full(check_files(split("train", train_tf)))
-    names = FLOWERS102_NAMES if name == "Flowers" else names
-    if name == "MNIST":
-        names = list(train.classes)  # "0 - zero", ... as torchvision names them
+    names = FLOWERS102_NAMES if name == "Flowers" else list(train.classes) if name == "MNIST" else names  # "0 - zero"
     return train, check_files(split("test", test_tf)), names
 
 
-class Transformed(torch.utils.data.Dataset):
-    """A subset of an untransformed data set, with its own transform (the 80/20 splits)."""
-
-    def __init__(self, ds, indices: list, transform):
-        self.ds, self.indices, self.transform = ds, indices, transform
-        labels = labels_of(ds)
-        self.targets = [labels[i] for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        image, y = self.ds[self.indices[i]]
-        return self.transform(image), y
-
-
-def labels_of(ds) -> list:
-    """Labels of a torchvision data set without loading its images."""
-    for attr in ("targets", "_labels", "y"):
-        if hasattr(ds, attr):
-            return [int(y) for y in getattr(ds, attr)]
-    return [int(y) for _, y in ds._samples]  # StanfordCars
+def open_dataset(name: str, cfg: Config, train_tf, test_tf):
+    """mtil_dataset, with what fails named in one line: a corrupt or foreign file, a failed download, ..."""
+    try:
+        return mtil_dataset(name, cfg.data_root, cfg.download, train_tf, test_tf)
+    except Exception as e:
+        raise UsageError(f"{name} in {os.path.join(cfg.data_root, DATA_FILES[name][0])}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
 
 
 def load_mtil(cfg: Config, resolution: int) -> Benchmark:
     """The 11 data sets in --order, one task each, concatenated into one label space (data set k owns a
     contiguous label range), each classified among its own classes. What fails is named per data set, at once."""
     train_tf, test_tf = transforms(resolution)
-    root = os.path.expanduser(cfg.data_root)
     order = MTIL_ORDER_I if cfg.order == "I" else MTIL_ORDER_II
     parts, problems = [], []
     for name in order:
         try:
-            parts.append(mtil_dataset(name, root, cfg.download, train_tf, test_tf))
-        except Exception as e:  # the real reason: a corrupt or foreign file, a failed download, a permission
-            problems.append(f"{name} in {os.path.join(root, DATA_FILES[name][0])}: {type(e).__name__}: "
-                            f"{' '.join(str(e).split())}")
+            parts.append(open_dataset(name, cfg, train_tf, test_tf))
+        except UsageError as e:
+            problems.append(str(e))
     if problems:
         raise UsageError("; ".join(problems))
     names, splits, train, test, ytr, yte, full = [], [], [], [], [], [], []
     for tr, te, cls in parts:
-        lo = len(names)
+        position, tr_labels = np.arange(len(cls)) + len(names), np.asarray(labels_of(tr))
+        splits.append((len(names), len(names) + len(cls)))
         names += cls
-        splits.append((lo, len(names)))
-        position = np.arange(len(cls)) + lo
-        tr_labels = np.asarray(labels_of(tr))
         full.append(len(tr))
         if cfg.shots:
             keep = first_shots(tr_labels, cfg.shots, cfg.seed)
@@ -1502,13 +1408,11 @@ SYNTHETIC_TASK_CLASSES = [SYN_PAIRS[i] for i in np.random.RandomState(0).permuta
                           if sum(SYN_PAIRS[i]) % 2 == 1]
 SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS = 120, 50
 SYN_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a picture of a {}.", "a {}.", "a drawing of a {}."]
+SYN_STYLES = ["photo", "on white", "outline", "noisy"]  # the domains of --dataset synthetic-mtil
 
 
 def syn_name(pair) -> str:
     return f"{list(SYN_COLOURS)[pair[0]]} {SYN_SHAPES[pair[1]]}"
-
-
-SYN_STYLES = ["photo", "on white", "outline", "noisy"]  # the domains of --dataset synthetic-mtil
 
 
 def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32, style: str = "photo") -> torch.Tensor:
@@ -1545,44 +1449,35 @@ def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32, sty
     return (img - mean) / std
 
 
-def load_synthetic(cfg: Config) -> Benchmark:
-    """The continual part of the synthetic world, drawn once from a fixed seed (same for every run)."""
-    gen = torch.Generator().manual_seed(1234)
-    (train, ytr), (test, yte) = draw_synthetic(SYN_TRAIN_PER_CLASS, gen), draw_synthetic(SYN_TEST_PER_CLASS, gen)
-    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES],
-                     even_splits(len(SYNTHETIC_TASK_CLASSES), cfg.tasks), train, test, ytr, yte)
-
-
 def draw_synthetic(per_class: int, gen: torch.Generator, styled_splits: list | None = None):
     """per_class images of every continual class, labelled by class index: (TensorDataset, labels). With
     styled_splits [(style, (lo, hi))], the classes lo..hi-1 are drawn in that style."""
     pairs = torch.tensor(SYNTHETIC_TASK_CLASSES)
     labels = torch.arange(len(pairs)).repeat_interleave(per_class)
-    if styled_splits is None:
-        images = render_shapes(pairs[labels], gen)
-    else:
-        images = torch.cat([render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
-                            for style, (lo, hi) in styled_splits])
+    images = render_shapes(pairs[labels], gen) if styled_splits is None else torch.cat(
+        [render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
+         for style, (lo, hi) in styled_splits])
     return torch.utils.data.TensorDataset(images, labels), labels.numpy()
 
 
-def load_synthetic_mtil(cfg: Config) -> Benchmark:
-    """A multi-domain benchmark in the same world: one task per rendering style, each with 8 classes of
-    its own (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
-    gen = torch.Generator().manual_seed(4321)
-    splits = even_splits(len(SYNTHETIC_TASK_CLASSES), len(SYN_STYLES))
-    styled = list(zip(SYN_STYLES, splits))
-    (train, ytr), (test, yte) = (draw_synthetic(SYN_TRAIN_PER_CLASS, gen, styled),
-                                 draw_synthetic(SYN_TEST_PER_CLASS, gen, styled))
-    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], splits, train, test, ytr, yte, kind="mtil",
-                     templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
+def load_synthetic(cfg: Config) -> Benchmark:
+    """The continual part of the synthetic world, drawn once from a fixed seed (the same for every run).
+    synthetic-mtil: a multi-domain benchmark, one task per rendering style, each with 8 classes of its own
+    (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
+    mtil = cfg.dataset == "synthetic-mtil"
+    gen, splits = torch.Generator().manual_seed(4321 if mtil else 1234), even_splits(len(SYNTHETIC_TASK_CLASSES),
+                                                                                     cfg.tasks)
+    styled = list(zip(SYN_STYLES, splits)) if mtil else None
+    (train, ytr), (test, yte) = (draw_synthetic(n, gen, styled) for n in (SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS))
+    domains = dict(kind="mtil", templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
+    return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], splits, train, test, ytr, yte,
+                     **(domains if mtil else {}))
 
 
 def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dict:
     """Contrastive pretraining of the tiny CLIP on the pretraining half of the synthetic world, cached
     under --clip-cache: images against captions of their pair and of their colour and shape alone."""
-    cache = os.path.expanduser(cfg.clip_cache)
-    path = os.path.join(cache, f"tiny-clip-synthetic-v2-{steps}x{batch}.pt")
+    path = os.path.join(cfg.clip_cache, f"tiny-clip-synthetic-v2-{steps}x{batch}.pt")
     if os.path.isfile(path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -1590,8 +1485,7 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
             print(f"warning: {path} is unreadable; pretraining the tiny CLIP again", file=sys.stderr)
     rng_state = torch.get_rng_state()
     torch.manual_seed(0)  # the pretrained weights do not depend on the run's seed
-    model = clip.model.CLIP(*ARCHS["tiny"]).float().train()
-    gen = torch.Generator().manual_seed(0)
+    model, gen = clip.model.CLIP(*ARCHS["tiny"]).float().train(), torch.Generator().manual_seed(0)
     pairs = torch.tensor(SYNTHETIC_PRETRAIN_CLASSES)
     colours = [f"a photo of something {c}." for c in SYN_COLOURS]
     shapes = [f"a photo of a {s}." for s in SYN_SHAPES[:SYN_KNOWN_SHAPES]]
@@ -1599,13 +1493,12 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     captions = [tokenize([tpl.format(syn_name(p)) for p in SYNTHETIC_PRETRAIN_CLASSES] + colours + shapes, "cpu")
                 for tpl in SYN_TEMPLATES]  # each template's captions of the pairs, then colours and shapes alone
+    P, C = len(pairs), len(colours)
     for _ in progress(range(steps), "pretraining the tiny CLIP (once)"):
         y = torch.randint(len(pairs), (batch,), generator=gen)
         img = F.normalize(model.encode_image(render_shapes(pairs[y], gen)), dim=-1)
         tpl = int(torch.randint(len(SYN_TEMPLATES), (1,), generator=gen))
-        txt = F.normalize(model.encode_text(captions[tpl]), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        P, C = len(pairs), len(colours)
+        logits = model.logit_scale.exp() * img @ F.normalize(model.encode_text(captions[tpl]), dim=-1).T
         loss = (F.cross_entropy(logits[:, :P], y) + F.cross_entropy(logits[:, P:P + C], pairs[y, 0])
                 + F.cross_entropy(logits[:, P + C:], pairs[y, 1]))
         opt.zero_grad(set_to_none=True)
@@ -1617,29 +1510,54 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
     torch.set_rng_state(rng_state)
     state = model.state_dict()
     try:
-        os.makedirs(cache, exist_ok=True)
+        os.makedirs(cfg.clip_cache, exist_ok=True)
         atomic_save(path, lambda tmp: torch.save(state, tmp))
     except (OSError, UsageError) as e:
-        warn_once(f"cannot cache the tiny CLIP in {cache} ({getattr(e, 'strerror', None) or e}): going on with the "
-                  f"weights in memory; the next run pretrains it again")
+        warn_once(f"cannot cache the tiny CLIP in {cfg.clip_cache} ({getattr(e, 'strerror', None) or e}): going on "
+                  f"with the weights in memory; the next run pretrains it again")
     return state
+
+
+def reference_images(cfg: Config, resolution: int):
+    """The reference autoencoder's images (spec 4.2), as (data set, its size before --shots): TinyImageNet's
+    training images (the authors'), or in the synthetic world the tiny CLIP's pretraining classes, which stand
+    for what CLIP already knows. With --shots, the first `shots` of each class as for the tasks."""
+    if cfg.dataset.startswith("synthetic"):
+        labels = torch.arange(len(SYNTHETIC_PRETRAIN_CLASSES)).repeat_interleave(SYN_TRAIN_PER_CLASS)
+        images = render_shapes(torch.tensor(SYNTHETIC_PRETRAIN_CLASSES)[labels], torch.Generator().manual_seed(99))
+        ds, labels = torch.utils.data.TensorDataset(images, labels), labels.numpy()
+    else:  # Relabeled: its unreadable files are named as the tasks' are
+        ds = Relabeled(tiny_imagenet(cfg, "train", transforms(resolution)[0]), np.arange(200))
+        labels = np.asarray(ds.ds.targets)
+    return (torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds), len(ds)
+
+
+def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
+    loader = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "mtil": load_mtil}.get(cfg.dataset)
+    bench = loader(cfg, resolution) if loader else load_synthetic(cfg)
+    if bench.templates is None:  # class-incremental: the one prompt of --prompt
+        bench.templates = [[cfg.prompt]] * len(bench.splits)
+    if cfg.clean_names:  # quirk Q3 fixed on request: "maple_tree" -> "maple tree"
+        bench.class_names = [n.replace("_", " ") for n in bench.class_names]
+    if cfg.ddas and cfg.ddas_reference:
+        bench.reference, bench.reference_full = reference_images(cfg, resolution)
+    return bench
 
 
 def missing_weights(cfg: Config, fetch: bool) -> list:
     """The CLIP and DDAS AlexNet weights the run needs and does not have, one line each with its fix. With fetch,
     a missing download is tried first (and a folder it made is removed again if it fails)."""
-    problems, wanted = [], []
-    for flag, path, what in (("--clip-weights", cfg.clip_weights, "an OpenAI CLIP checkpoint"),
-                             ("--ddas-weights", cfg.ddas_weights if cfg.ddas and cfg.ddas_features == "alexnet"
-                              else "", "an AlexNet state dict")):
-        if path not in ("", "random") and not os.path.isfile(path):
-            problems.append(f"{flag} {path}: no such file (pass {what} or 'random')")
+    alexnet = cfg.ddas and cfg.ddas_features == "alexnet"
+    problems = [f"{flag} {path}: no such file (pass {what} or 'random')" for flag, path, what in (
+        ("--clip-weights", cfg.clip_weights, "an OpenAI CLIP checkpoint"),
+        ("--ddas-weights", cfg.ddas_weights if alexnet else "", "an AlexNet state dict"))
+        if path not in ("", "random") and not os.path.isfile(path)]
+    wanted = []
     if cfg.clip_model != "tiny" and not cfg.clip_weights:
         url = clip.clip._MODELS[cfg.clip_model]
-        cache = os.path.expanduser(cfg.clip_cache)
-        wanted.append((f"the {cfg.clip_model} weights", url, cache, "or pass --clip-weights PATH",
-                       lambda: clip.clip._download(url, cache)))
-    if cfg.ddas and cfg.ddas_features == "alexnet" and not cfg.ddas_weights:
+        wanted.append((f"the {cfg.clip_model} weights", url, cfg.clip_cache, "or pass --clip-weights PATH",
+                       lambda: clip.clip._download(url, cfg.clip_cache)))
+    if alexnet and not cfg.ddas_weights:
         import torchvision
         url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
         wanted.append(("DDAS's AlexNet weights", url, os.path.join(torch.hub.get_dir(), "checkpoints"),
@@ -1648,6 +1566,7 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
     for what, url, folder, alternative, download in wanted:
         if os.path.isfile(os.path.join(folder, os.path.basename(url))):
             continue
+        reason = "they download on first use, with internet"
         if fetch:
             made, parent = [], os.path.abspath(folder)
             while not os.path.exists(parent):
@@ -1660,8 +1579,6 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
                 for d in made:  # deepest first
                     if os.path.isdir(d) and not os.listdir(d):
                         os.rmdir(d)
-        else:
-            reason = "they download on first use, with internet"
         problems.append(f"{what} are not in {folder} ({reason}): fetch {url} into it {alternative}")
     return problems
 
@@ -1690,36 +1607,6 @@ def preflight(cfg: Config) -> Benchmark:
     return bench
 
 
-def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
-    bench = {"cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet, "mtil": load_mtil,
-             "synthetic": lambda c, r: load_synthetic(c),
-             "synthetic-mtil": lambda c, r: load_synthetic_mtil(c)}[cfg.dataset](cfg, resolution)
-    if bench.templates is None:  # class-incremental: the one prompt of --prompt
-        bench.templates = [[cfg.prompt]] * len(bench.splits)
-    if cfg.clean_names:  # quirk Q3 fixed on request: "maple_tree" -> "maple tree"
-        bench.class_names = [n.replace("_", " ") for n in bench.class_names]
-    if cfg.ddas and cfg.ddas_reference:
-        bench.reference, bench.reference_full = reference_images(cfg, resolution)
-    return bench
-
-
-def reference_images(cfg: Config, resolution: int):
-    """The reference autoencoder's images (spec 4.2), as (data set, its size before --shots): TinyImageNet's
-    training images (the authors'), or in the synthetic world the tiny CLIP's pretraining classes, which stand
-    for what CLIP already knows. With --shots, the first `shots` of each class as for the tasks."""
-    if cfg.dataset.startswith("synthetic"):
-        pairs = torch.tensor(SYNTHETIC_PRETRAIN_CLASSES).repeat_interleave(SYN_TRAIN_PER_CLASS, 0)
-        ds = torch.utils.data.TensorDataset(render_shapes(pairs, torch.Generator().manual_seed(99)),
-                                            torch.arange(len(SYNTHETIC_PRETRAIN_CLASSES)).repeat_interleave(
-                                                SYN_TRAIN_PER_CLASS))
-        labels = ds.tensors[1].numpy()
-    else:
-        ds = tiny_imagenet(cfg, "train", transforms(resolution)[0])
-        labels = np.asarray(ds.targets)
-        ds = Relabeled(ds, np.arange(200))  # (its unreadable files named as the tasks' are)
-    return (torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds), len(ds)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training one task (spec 5.1): AdamW over the unfrozen experts and the task's router, linear
 # warm-up then cosine, cross-entropy over the current task's classes, activate-freeze at the end.
@@ -1730,10 +1617,6 @@ def lr_at(step: int, steps: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1))) * base
-
-
-def router_of_task(cfg: Config, task: int) -> int:
-    return task if cfg.routers == "per-task" else 0
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -1792,10 +1675,9 @@ def init_distributed(cfg: Config) -> torch.device:
 
 def broadcast(obj):
     """Rank 0's value of a picklable object, on every rank."""
-    if not dist_on():
-        return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if dist_on():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -1834,9 +1716,8 @@ class LogProgress:
         self.postfix = "  " + "  ".join(f"{k} {v}" for k, v in values.items())
 
     def __iter__(self):
-        total = len(self.iterable) if hasattr(self.iterable, "__len__") else 0
-        start = last = time.time()
-        shown = 0
+        total, start = len(self.iterable) if hasattr(self.iterable, "__len__") else 0, time.time()
+        last, shown = start, 0
         for i, item in enumerate(self.iterable, 1):
             yield item
             now = time.time()
@@ -1865,17 +1746,16 @@ def train_step(net, model, opt, cfg: Config, x, y, tokens, router: int) -> torch
 def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device,
                net: nn.Module | None = None) -> float:
     """`net` is TaskLogits(model), wrapped in DistributedDataParallel under torchrun."""
-    net = TaskLogits(model) if net is None else net
-    lo, hi = bench.splits[task]
+    net, (lo, hi), images = TaskLogits(model) if net is None else net, bench.splits[task], bench.subset("train", task)
     # every rank shuffles with the same seeded permutation and takes its share of each global batch (the
     # union of the ranks' batches is the batch of a single process), so 1 and N processes see the same data
-    sampler = torch.utils.data.DistributedSampler(bench.subset("train", task), num_replicas=world(), rank=rank(),
-                                                  shuffle=True, seed=cfg.seed + 1000 * task)
-    loader = torch.utils.data.DataLoader(bench.subset("train", task), batch_size=cfg.batch_size // world(),
-                                         sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    sampler = torch.utils.data.DistributedSampler(images, num_replicas=world(), rank=rank(), shuffle=True,
+                                                  seed=cfg.seed + 1000 * task)
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size // world(), sampler=sampler,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
     template = bench.templates[task][0]                                 # MTIL: the data set's first template
     tokens = tokenize([template.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
-    router = router_of_task(cfg, task)
+    router = task if cfg.routers == "per-task" else 0
     for a in adapters(model):
         a.begin_task(router)
     base_lr = bench.lrs[task] if cfg.dataset_lr and bench.lrs else cfg.lr
@@ -1923,18 +1803,13 @@ def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
     routers without --ddas use the known task id (an oracle)."""
     if cfg.method == "zeroshot":
         return None
-    if cfg.routers == "per-task":
-        return task if task <= trained_upto else None
-    return 0
+    return (task if task <= trained_upto else None) if cfg.routers == "per-task" else 0
 
 
 def routing_note(cfg: Config) -> str:
-    if cfg.method == "zeroshot":
-        return "untouched CLIP"
-    if cfg.routers == "per-task":
-        return ("per-task routers chosen per image by DDAS (no task id)" if cfg.ddas else
-                "per-task routers chosen by the known task id of each test image (oracle)")
-    return "one shared router, no task id"
+    return "untouched CLIP" if cfg.method == "zeroshot" else "one shared router, no task id" if cfg.routers == \
+        "shared" else "per-task routers chosen per image by DDAS (no task id)" if cfg.ddas else \
+        "per-task routers chosen by the known task id of each test image (oracle)"
 
 
 @functools.lru_cache(maxsize=64)
@@ -1950,17 +1825,13 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
     out = []
     for task in range(len(bench.splits)) if tasks is None else tasks:
         (lo, hi), templates = bench.splits[task], bench.templates[task]
-        prompts = tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)
         emb = []
-        for tokens in prompt_tokens(prompts):
-            tokens = tokens.to(device)
+        for tokens in prompt_tokens(tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)):
             r = None if route is None else torch.full((len(tokens),), route, device=device)
             with autocast_for(cfg, device):
-                emb.append(F.normalize(encode_texts(model, tokens, r).float(), dim=-1))
+                emb.append(F.normalize(encode_texts(model, tokens.to(device), r).float(), dim=-1))
         emb = torch.cat(emb)
-        if len(templates) > 1:
-            emb = F.normalize(emb.view(hi - lo, len(templates), -1).mean(1), dim=-1)
-        out.append(emb)
+        out.append(F.normalize(emb.view(hi - lo, len(templates), -1).mean(1), dim=-1) if len(templates) > 1 else emb)
     return torch.cat(out)
 
 
@@ -1974,22 +1845,20 @@ def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_f
         return img @ text_for(None).T
     logits = None
     for q in r.unique().tolist():
-        m = r == q
-        part = img[m] @ text_for(q if q >= 0 else None).T
+        part = img[r == q] @ text_for(q if q >= 0 else None).T
         logits = part.new_empty(len(x), part.shape[1]) if logits is None else logits
-        logits[m] = part
+        logits[r == q] = part
     return logits
 
 
 @torch.no_grad()
 def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None,
              stats: dict | None = None, clip_text: dict | None = None):
-    """Row t of the accuracy matrix (percent), the number of test images of each task, and where the
-    test images of each task were sent: counts per destination [CLIP, router 0, router 1, ...].
-    Class-incremental: among all classes seen so far; MTIL: among the task's own classes. A (router, task)
-    pair's class prompts are encoded when an image first needs them, once per evaluation; the untouched
-    CLIP's never change and are kept in `clip_text` (task -> embeddings) across evaluations and in the
-    checkpoint. `stats` counts the images and the prompts of the run."""
+    """Row t of the accuracy matrix (percent), the number of test images of each task, and where the test
+    images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]. A (router, task)
+    pair's class prompts are encoded when an image first needs them, once per evaluation; the untouched CLIP's
+    never change and are kept in `clip_text` (task -> embeddings) across evaluations and in the checkpoint.
+    `stats` counts the images and the prompts of the run."""
     model.eval()
     text = {}  # router (None: the untouched CLIP) -> task -> class embeddings of that task's classes
     stats = {"eval_images": 0, "eval_prompts": 0} if stats is None else stats
@@ -1999,45 +1868,36 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
         for task in tasks:
             if task not in store:
                 store[task] = class_embeddings(model, bench, route, device, cfg, [task])
-                lo, hi = bench.splits[task]
-                stats["eval_prompts"] += (hi - lo) * len(bench.templates[task])
+                stats["eval_prompts"] += (bench.splits[task][1] - bench.splits[task][0]) * len(bench.templates[task])
         return torch.cat([store[task] for task in tasks])
 
-    T = len(bench.splits)
-    accs, counts, sent = [], [], []
-    for j in range(T):
+    results = []  # per task: (accuracy, test images, destinations)
+    for j in range(len(bench.splits)):
+        images = bench.subset("test", j)
         if bench.kind != "mtil" and j > t + 1 and not cfg.eval_all_tasks:  # no metric needs it (fwt: t + 1)
-            accs.append(None)
-            counts.append(len(bench.subset("test", j)))
-            sent.append(None)
+            results.append((None, len(images), None))
             continue
         tasks = [j] if bench.kind == "mtil" else range(max(t, j) + 1)  # whose classes are the possible answers
-        lo = bench.splits[tasks[0]][0]
-        images = bench.subset("test", j)  # under torchrun each rank takes every world()-th image; sums below
+        lo, fixed = bench.splits[tasks[0]][0], eval_route(cfg, j, t)
         images = torch.utils.data.Subset(images, range(rank(), len(images), world())) if world() > 1 else images
         loader = torch.utils.data.DataLoader(images, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda")  # under torchrun: a share per rank
         tally = torch.zeros(n_routers(cfg) + 3, dtype=torch.long, device=device)  # correct, n, destinations
-        correct, n, where = tally[0], tally[1], tally[2:]
         for x, y in progress(loader, f"eval on task {j + 1}"):
             x, y = x.to(device, non_blocking=True), y.to(device)
-            if selector is not None:
-                r = selector.select(x)                                   # [N], -1 = untouched CLIP
-            else:
-                fixed = eval_route(cfg, j, t)
-                r = None if fixed is None else torch.full((len(x),), fixed, device=device)
+            r = selector.select(x) if selector is not None else None if fixed is None else \
+                torch.full((len(x),), fixed, device=device)                # [N], -1 = untouched CLIP
             logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
             if r is None:
-                where[0] += len(x)
+                tally[2] += len(x)
             else:
-                where += torch.bincount(r + 1, minlength=len(where))
-            correct += (logits.argmax(1) + lo == y).sum()
-            n += len(y)
-        all_sum(tally)
-        stats["eval_images"] += n.item()
-        accs.append(100.0 * correct.item() / max(n.item(), 1))
-        counts.append(n.item())
-        sent.append(where.tolist())
+                tally[2:] += torch.bincount(r + 1, minlength=len(tally) - 2)
+            tally[0] += (logits.argmax(1) + lo == y).sum()
+            tally[1] += len(y)
+        correct, n, where = all_sum(tally)[0].item(), tally[1].item(), tally[2:].tolist()
+        stats["eval_images"] += n
+        results.append((100.0 * correct / max(n, 1), n, where))
+    accs, counts, sent = (list(column) for column in zip(*results))
     return accs, counts, sent
 
 
@@ -2061,8 +1921,7 @@ def continual_metrics(A: list, n: list, t: int) -> dict:
       fwt        = mean_{1<=i<=t} A[i-1][i]                    next task before training on it (GEM, no baseline)
     The authors' logs come from continuum 1.2.7, whose forgetting and bwt leave out a few pairs and whose fwt is
     another quantity (the README, Metrics, gives its formulas)."""
-    A = np.asarray(A, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
+    A, n = np.asarray(A, dtype=np.float64), np.asarray(n, dtype=np.float64)
     accs = [float((A[i, :i + 1] * n[:i + 1]).sum() / n[:i + 1].sum()) for i in range(t + 1)]
     forgetting = float(np.mean([A[j:t, j].max() - A[t, j] for j in range(t)])) if t else 0.0
     bwt = float(np.mean([A[i, j] - A[j, j] for i in range(1, t + 1) for j in range(i)])) if t else 0.0
@@ -2087,9 +1946,16 @@ def mtil_metrics(matrix) -> dict:
 def summary_of(state: dict, kind: str) -> dict:
     """The run's headline numbers: Last and Avg (class-incremental, spec 6.1) or Transfer, Avg and Last
     of the full accuracy matrix (MTIL, spec 6.2)."""
+    return mtil_metrics(state["matrix"]) if kind == "mtil" else {"last": state["rows"][-1]["acc"],
+                                                                 "avg": state["rows"][-1]["avg_acc"]}
+
+
+def summary_line(state: dict, kind: str, partial: bool = False) -> str:
+    """Transfer / Avg / Last (MTIL, of the rows so far) or Last / Avg / forgetting, from the accuracy matrix."""
     if kind == "mtil":
-        return mtil_metrics(state["matrix"])
-    return {"last": state["rows"][-1]["acc"], "avg": state["rows"][-1]["avg_acc"]}
+        return "Transfer {transfer:.2f}  Avg {avg:.2f}  Last {last:.2f}".format(**mtil_metrics(state["matrix"]))
+    r = state["rows"][-1]
+    return f"{'acc' if partial else 'Last'} {r['acc']:.2f}  Avg {r['avg_acc']:.2f}  forgetting {r['forgetting']:.2f}"
 
 
 def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> None:
@@ -2099,9 +1965,9 @@ def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> Non
     if len(state["rows"]) == n_tasks:  # the summary, and the evaluation work of the whole run
         rows.append(json.dumps(summary_of(state, kind) | state.get("stats", {})))
     atomic_write(os.path.join(out, "metrics.jsonl"), "\n".join(rows) + "\n")
-    header = "after_task," + ",".join(f"task_{j}" for j in range(n_tasks))
     lines = [f"{i}," + ",".join("" if a is None else f"{a:.4f}" for a in row) for i, row in enumerate(state["matrix"])]
-    atomic_write(os.path.join(out, "accuracy_matrix.csv"), "\n".join([header] + lines) + "\n")
+    atomic_write(os.path.join(out, "accuracy_matrix.csv"), "\n".join(
+        ["after_task," + ",".join(f"task_{j}" for j in range(n_tasks))] + lines) + "\n")
 
 
 REPORTED_CURVES = {  # (dataset, --tasks): the authors' accuracy after each step (spec 7.1, reported), for the plots
@@ -2128,7 +1994,6 @@ def pyplot():
         return plt
     except ImportError:
         warn_once("matplotlib is not installed, so no pictures were drawn: pip install matplotlib")
-        return None
 
 
 def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None:
@@ -2140,39 +2005,38 @@ def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None
         return
     A, T = np.array(state["matrix"], dtype=float), len(task_names)
     fig, ax = plt.subplots(figsize=(2 + 0.5 * T, 1.5 + 0.5 * len(A)))
-    image = ax.imshow(A, cmap="viridis", vmin=0, vmax=100)
+    fig.colorbar(ax.imshow(A, cmap="viridis", vmin=0, vmax=100), ax=ax)
     for (i, j), a in np.ndenumerate(A):
         if not np.isnan(a) and T <= 25:
             ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=8, color="white" if a < 60 else "black")
     ax.set_xticks(range(T), task_names, rotation=90 if T > 10 else 0)
     ax.set_yticks(range(len(A)), task_names[:len(A)])
     ax.set(xlabel="test images of", ylabel="after training on", title=f"accuracy (%), {cfg.dataset}")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_matrix.png"), dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, os.path.join(out, "accuracy_matrix.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
-    steps = range(1, len(state["rows"]) + 1)
-    ax.plot(steps, [r["acc"] for r in state["rows"]], "o-", label=f"{cfg.method}, this run (measured)")
-    reported = REPORTED_CURVES.get((cfg.dataset, cfg.tasks))
+    ax.plot(range(1, len(A) + 1), [r["acc"] for r in state["rows"]], "o-", label=f"{cfg.method}, this run (measured)")
+    reported = [float(a) for a in REPORTED_CURVES.get((cfg.dataset, cfg.tasks), "").split()]
     if reported:
-        ax.plot(range(1, len(reported.split()) + 1), [float(a) for a in reported.split()], "s--", color="grey",
-                label="MoE-Adapters, the authors' run (reported)")
+        ax.plot(range(1, len(reported) + 1), reported, "s--", color="grey", label="MoE-Adapters, the authors' run "
+                                                                                  "(reported)")
     ax.set(xlabel="after task", ylabel="accuracy on the classes seen so far (%)", ylim=(0, 100),
            title=f"{cfg.dataset}, {T} tasks")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
+    save_figure(plt, fig, os.path.join(out, "accuracy_curve.png"))
+
+
+def save_figure(plt, fig, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_curve.png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def atomic_write(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_save(path, write)
-
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and the output folder: after each task, atomically, only the trainable state (experts,
+# routers, frozen sets, usage counts), the metrics so far, the config and the RNG states, loaded with
+# weights_only=True; a folder is never overwritten silently nor shared with a running process.
+# ------------------------------------------------------------------------------------------------
 
 def atomic_save(path: str, write) -> None:
     """write(path + '.tmp'), then rename it over path: a crash mid-write never leaves a half-written file. A full
@@ -2190,12 +2054,12 @@ def atomic_save(path: str, write) -> None:
         raise
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: after each task, atomically, only the trainable state (experts, routers, frozen sets,
-# usage counts), the metrics so far, the config and the RNG states. Loaded with weights_only=True.
-# ------------------------------------------------------------------------------------------------
+def atomic_write(path: str, text: str) -> None:
+    atomic_save(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
 
 CHECKPOINT_FORMAT = "moe-adapters-checkpoint-v1"
+CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
 
 
 def run_identity(cfg: Config) -> dict:
@@ -2203,10 +2067,10 @@ def run_identity(cfg: Config) -> dict:
 
 
 def rng_states() -> dict:
-    np_state = np.random.get_state()
+    np_state, py_state = np.random.get_state(), random.getstate()
     return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized()
             else [], "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
 
 
 def set_rng_states(s: dict) -> None:
@@ -2219,59 +2083,46 @@ def set_rng_states(s: dict) -> None:
 
 def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict,
                     selector: TaskSelector | None = None, bench: Benchmark | None = None) -> None:
-    trainable = {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {}
-    classes = {} if bench is None else {k: getattr(bench, k) for k in ("class_names", "splits", "templates",
-                                                                       "task_names", "kind")}
     ckpt = {"format": CHECKPOINT_FORMAT, "config": run_identity(cfg), "next_task": len(state["rows"]),
-            "trainable": trainable, "ddas": selector.state_dict() if selector is not None else {},
-            "matrix": state["matrix"], "counts": state["counts"], "rows": state["rows"], "stats": state["stats"],
-            "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()}, "rng": rng_states(),
-            "classes": classes}  # what --predict needs to name classes without the data
+            "trainable": {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {},
+            "ddas": selector.state_dict() if selector is not None else {}, "rng": rng_states(),
+            "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()},
+            "classes": {} if bench is None else {k: getattr(bench, k) for k in  # what --predict needs
+                                                 ("class_names", "splits", "templates", "task_names", "kind")}}
+    ckpt |= {k: state[k] for k in ("matrix", "counts", "rows", "stats")}
     atomic_save(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
 
 
 def read_checkpoint(path: str, cfg: Config | None) -> dict:
     """Load a checkpoint and refuse (one line) a corrupt one or one of another configuration (cfg None: any)."""
-    fix = CHECKPOINT_FIX
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is unreadable or corrupt ({type(e).__name__}): {fix}") from None
+        raise UsageError(f"{path} is unreadable or corrupt ({type(e).__name__}): {CHECKPOINT_FIX}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
-        raise UsageError(f"{path} is not a checkpoint of this script: {fix}")
+        raise UsageError(f"{path} is not a checkpoint of this script: {CHECKPOINT_FIX}")
     mine = run_identity(cfg) if cfg is not None else ckpt["config"]
     for k in sorted(set(mine) | set(ckpt["config"])):
         if ckpt["config"].get(k) != mine.get(k):
             raise UsageError(f"{path} was written with --{k.replace('_', '-')} {ckpt['config'].get(k)!r} but this "
-                             f"run has {mine.get(k)!r}: resume with the same settings, or {fix}")
+                             f"run has {mine.get(k)!r}: resume with the same settings, or {CHECKPOINT_FIX}")
     return ckpt
 
 
 def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: TaskSelector | None = None) -> dict:
     """read_checkpoint, then restore the trainable state, the DDAS autoencoders and the RNG states."""
-    fix, ckpt = CHECKPOINT_FIX, read_checkpoint(path, cfg)
-    if model is not None:
-        try:
-            missing, unexpected = model.load_state_dict(ckpt["trainable"], strict=False)
-        except RuntimeError:  # shapes differ
+    ckpt = read_checkpoint(path, cfg)
+    for module, state, what in ((model, ckpt["trainable"], "model's adapters"),
+                                (selector, ckpt.get("ddas", {}), "run's DDAS autoencoders")):
+        try:  # the adapters are a part of the model's state; the autoencoders, all of the selector's
+            missing, unexpected = module.load_state_dict(state, strict=module is selector) if module else ([], [])
+        except RuntimeError:  # shapes or names differ
             missing, unexpected = [], ["?"]
         if unexpected or any(".moe." in k for k in missing):
-            raise UsageError(f"{path} does not match this model's adapters: {fix}")
-    if selector is not None:
-        try:
-            selector.load_state_dict(ckpt.get("ddas", {}))
-        except RuntimeError:
-            raise UsageError(f"{path} does not match this run's DDAS autoencoders: {fix}") from None
+            raise UsageError(f"{path} does not match this {what}: {CHECKPOINT_FIX}")
     set_rng_states(ckpt["rng"])
     return ckpt
 
-
-# ------------------------------------------------------------------------------------------------
-# Command line and main: the task loop, the dry run and the offline demo.
-# ------------------------------------------------------------------------------------------------
 
 def unwritable(path: str) -> str | None:
     """Why a folder cannot be written at `path` (None: it can), found before any work and without creating it."""
@@ -2288,21 +2139,18 @@ def unwritable(path: str) -> str | None:
         os.remove(probe)
     except OSError as e:
         return f"--output-dir {path}: {parent} is not writable ({e.strerror})"
-    return None
 
 
 def lock_holder(out: str) -> str | None:
     """The live process (pid@host) that holds out/.lock, or None: no lock, ours, or left by a killed run."""
     try:
-        pid, host = open(os.path.join(out, ".lock")).read().split()
-        if host != os.uname().nodename:
-            return f"{pid}@{host}"  # another machine's: it cannot be checked from here, so it stands
-        if int(pid) != os.getpid():
-            os.kill(int(pid), 0)
-            return f"{pid}@{host}"
+        pid, host = pathlib.Path(out, ".lock").read_text().split()
+        if host == os.uname().nodename and int(pid) != os.getpid():
+            os.kill(int(pid), 0)  # ProcessLookupError if that process has ended
+        if host != os.uname().nodename or int(pid) != os.getpid():
+            return f"{pid}@{host}"  # another machine's lock cannot be checked from here, so it stands
     except (OSError, ValueError):  # no lock file, a dead process (ProcessLookupError), an unreadable lock
         pass
-    return None
 
 
 def release_lock(out: str) -> None:
@@ -2335,45 +2183,25 @@ def prepare_output_dir(cfg: Config, check_only: bool = False) -> str:
     holder = lock_holder(out) if rank() == 0 else None
     if holder:
         raise UsageError(f"{out} is in use by process {holder}: wait for it to end, or choose another --output-dir")
-    if check_only:
-        if cfg.resume:
-            read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # refuse a foreign checkpoint before any download
-        return out
-    if rank() > 0:  # only rank 0 writes
-        return out
-    os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, ".lock"), f"{os.getpid()} {os.uname().nodename}\n")
+    if check_only and cfg.resume:
+        read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # refuse a foreign checkpoint before any download
+    if not check_only and rank() == 0:  # only rank 0 writes
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, ".lock"), f"{os.getpid()} {os.uname().nodename}\n")
     return out
 
 
-def dry_run(cfg: Config) -> dict:
-    """Build the model with random weights (counting needs none), print the parameter table, stop."""
-    model = load_clip(cfg, weights="random")
+# ------------------------------------------------------------------------------------------------
+# The task loop: for each task, train, fit its autoencoder, evaluate, write the metrics, checkpoint.
+# ------------------------------------------------------------------------------------------------
+
+def build_model(cfg: Config, n_tasks: int, device) -> tuple:
+    """The frozen CLIP with its adapters (none for zeroshot) on `device`, and the DDAS selector (or None)."""
+    model = load_clip(cfg)
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
-    table = parameter_table(model)
-    if cfg.ddas:  # counted apart from the trainable adapters, as the paper does
-        res = model.visual.input_resolution
-        g = ((res + 4 - 11) // 4 + 1 - 3) // 2 + 1                       # AlexNet conv1 (k11 s4 p2), max-pool 3/2
-        g = (g - 3) // 2 + 1                                             # conv2 keeps the size, max-pool 3/2
-        dim = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]
-        slots = n_tasks_total(cfg) + int(cfg.ddas_reference)
-        table["ddas_autoencoders"] = slots * (2 * dim * cfg.ddas_hidden + cfg.ddas_hidden + dim)
-    print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
-          f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
-    for k, v in table.items():
-        print(f"  {k:<28}{v:>14,}")
-    return dict(table, config=dataclasses.asdict(cfg))
-
-
-def fit_on_rank_zero(selector: TaskSelector, cfg: Config, images, slot: int, device, iters: int,
-                     epoch_batches: int) -> None:
-    """Rank 0 fits autoencoder `slot` on the images (shuffled batches of 64, spec 4.2); every rank gets its
-    weights and threshold."""
-    if rank() == 0:
-        loader = torch.utils.data.DataLoader(images, batch_size=64, shuffle=True, num_workers=cfg.workers)
-        fit_selector(selector, cfg, loader, slot, device, iters, epoch_batches)
-    selector.load_state_dict(broadcast({k: v.cpu() for k, v in selector.state_dict().items()}))
+    model.to(device)
+    return model, TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None
 
 
 def run_label(cfg: Config) -> str:
@@ -2381,20 +2209,10 @@ def run_label(cfg: Config) -> str:
     return f"{cfg.dataset} | {cfg.method}{' full' if cfg.preset == 'full' and cfg.method == 'moe-adapters' else ''}"
 
 
-def summary_line(state: dict, kind: str, partial: bool = False) -> str:
-    """Last / Avg / forgetting (class-incremental) or Transfer / Avg / Last (MTIL, of the rows so far; after the
-    last task the table's numbers), from the accuracy matrix."""
-    if kind == "mtil":
-        m = mtil_metrics(state["matrix"])
-        return f"Transfer {m['transfer']:.2f}  Avg {m['avg']:.2f}  Last {m['last']:.2f}"
-    r = state["rows"][-1]
-    return f"{'acc' if partial else 'Last'} {r['acc']:.2f}  Avg {r['avg_acc']:.2f}  forgetting {r['forgetting']:.2f}"
-
-
 def summary(state: dict, cfg: Config, bench: Benchmark, model: nn.Module, out: str) -> dict:
     last = state["rows"][-1]
-    return {**summary_of(state, bench.kind), "forgetting": last["forgetting"], "bwt": last["bwt"],
-            "fwt": last["fwt"], "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
+    return {**summary_of(state, bench.kind), **{k: last[k] for k in ("forgetting", "bwt", "fwt")},
+            "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
             "tasks": len(bench.splits), "routing": routing_note(cfg), "routes": last.get("routes"),
             "rows": state["rows"], "output_dir": out, "trainable_params": parameter_table(model)["trainable_params"]}
 
@@ -2402,38 +2220,22 @@ def summary(state: dict, cfg: Config, bench: Benchmark, model: nn.Module, out: s
 def run(cfg: Config) -> dict:
     """One continual run: for each task, train, evaluate on every task, write metrics, checkpoint."""
     seed_everything(cfg.seed)
-    if cfg.dry_run:
-        return dry_run(cfg)
-    device = init_distributed(cfg)
-    if cfg.bench:
-        return bench_run(cfg, device)
-    main_rank = rank() == 0
+    device, main_rank = init_distributed(cfg), rank() == 0
     prepare_output_dir(cfg, check_only=True)  # refuse early, before any download or pretraining
     with rank_zero_first():
         bench = preflight(cfg)  # every missing data set or weights file named at once, before any work
-        model = load_clip(cfg)
-        if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
-            raise UsageError(f"--clip-weights {cfg.clip_weights} is a {model.visual.input_resolution}-pixel CLIP, "
-                             f"not {cfg.clip_model}: pass its --clip-model")
-        if cfg.method != "zeroshot":
-            add_moe_adapters(model, cfg)
-        model.to(device)
-        selector = TaskSelector(cfg, model, len(bench.splits)).to(device) if cfg.ddas else None
-    T = len(bench.splits)
+        model, selector = build_model(cfg, len(bench.splits), device)
+    T, trained = len(bench.splits), model if cfg.method != "zeroshot" else None  # what the checkpoint holds
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic") and main_rank:
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
-    out = prepare_output_dir(cfg)  # and takes its lock
+    out, ckpt_path = prepare_output_dir(cfg), os.path.join(cfg.output_dir, "checkpoint.pt")  # and takes its lock
+    # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
+    state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
     try:
-        # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
-        state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0},
-                 "clip_text": {}}
-        ckpt_path = os.path.join(out, "checkpoint.pt")
         if cfg.resume:  # refused (and nothing written) if the checkpoint is corrupt or of another configuration
-            ckpt = load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
-            state = {k: ckpt[k] for k in ("matrix", "counts", "rows", "stats", "clip_text")}
-            state["clip_text"] = {k: v.to(device) for k, v in state["clip_text"].items()}
-            model.to(device)
+            ckpt = load_checkpoint(ckpt_path, trained, cfg, selector)
+            state = {k: ckpt[k] for k in state} | {"clip_text": {k: v.to(device) for k, v in ckpt["clip_text"].items()}}
             if main_rank:
                 write_metrics(out, state, T, bench.kind)
                 print(f"{out} is complete: {summary_line(state, bench.kind)}" if len(state["rows"]) == T else
@@ -2444,7 +2246,7 @@ def run(cfg: Config) -> dict:
         if main_rank:
             print(f"{run_label(cfg)}: writing to {out}", file=sys.stderr)
         net = TaskLogits(model)
-        if dist_on() and cfg.method != "zeroshot":  # averages the gradients of the ranks' shares of each batch
+        if dist_on() and trained:  # averages the gradients of the ranks' shares of each batch
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                       forward_sync_buffers=False)  # usage counts: per rank, summed
         if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
@@ -2453,7 +2255,7 @@ def run(cfg: Config) -> dict:
         for t in range(len(state["rows"]), T):
             if dist_on():  # each rank's own router noise and dropout, a function of (seed, task, rank) resume repeats
                 torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
-            if cfg.method != "zeroshot":
+            if trained:
                 train_task(model, cfg, bench, t, device, net)
             if selector is not None:
                 fit_on_rank_zero(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters,
@@ -2461,14 +2263,13 @@ def run(cfg: Config) -> dict:
             accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector, state["stats"],
                                                    state["clip_text"])
             state["matrix"].append(accs)
-            lo, hi = bench.splits[t]
-            row = continual_metrics(state["matrix"], state["counts"], t)
-            row.update(classes=bench.class_names[lo:hi], routing=routing_note(cfg), moe_impl=impl)
+            row = continual_metrics(state["matrix"], state["counts"], t) | dict(
+                classes=bench.class_names[slice(*bench.splits[t])], routing=routing_note(cfg), moe_impl=impl)
             if cfg.routers == "per-task" and cfg.method == "moe-adapters":
                 row["routes"] = routing_rates(sent, t)
             state["rows"].append(row)
             if main_rank:  # the first save of an --overwrite run replaces the old run's files
-                save_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, state, selector, bench)
+                save_checkpoint(ckpt_path, trained, cfg, state, selector, bench)
                 write_metrics(out, state, T, bench.kind)
                 atomic_write(os.path.join(out, "config.json"),
                              json.dumps(dataclasses.asdict(cfg) | {"moe_impl_used": impl}, indent=1) + "\n")
@@ -2490,9 +2291,28 @@ def run(cfg: Config) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Speed mode (--bench): every figure measured in one run on one device, with random weights and inputs
-# (speed does not depend on their values), medians after warm-up, written to bench.json.
+# The dry run, the speed mode (--bench: the figures its targets need, medians on one device with random
+# weights and inputs, written to bench.json), the offline demo, and prediction with a trained run.
 # ------------------------------------------------------------------------------------------------
+
+def dry_run(cfg: Config) -> dict:
+    """Build the model with random weights (counting needs none), print the parameter table, stop."""
+    seed_everything(cfg.seed)
+    model = load_clip(cfg, weights="random")
+    if cfg.method != "zeroshot":
+        add_moe_adapters(model, cfg)
+    table = parameter_table(model)
+    if cfg.ddas:  # counted apart from the trainable adapters, as the paper does
+        g = ((model.visual.input_resolution + 4 - 11) // 4 + 1 - 3) // 2 + 1  # AlexNet conv1 (k11 s4 p2), pool 3/2
+        g = (g - 3) // 2 + 1                                                  # conv2 keeps the size, max-pool 3/2
+        dim, h = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1], cfg.ddas_hidden
+        table["ddas_autoencoders"] = (n_tasks_total(cfg) + int(cfg.ddas_reference)) * (2 * dim * h + h + dim)
+    print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
+          f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
+    for k, v in table.items():
+        print(f"  {k:<28}{v:>14,}")
+    return dict(table, config=dataclasses.asdict(cfg))
+
 
 BENCH_TARGETS = {  # key: (bound, "max" or "min")
     "forward_ratio_adapted_vs_frozen": (1.05, "max"), "step_ratio_22_vs_2_experts": (1.10, "max"),
@@ -2500,129 +2320,89 @@ BENCH_TARGETS = {  # key: (bound, "max" or "min")
     "mixture_speedup_triton_vs_batched_22": (1.0, "min")}
 
 
-def timed(fn, device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
-    """Median wall-clock milliseconds of fn() over `repeats` calls after `warmup` calls."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times))
-
-
 def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
     """Median milliseconds of each fn, called in turn round after round (the first round warms up), so that
     drift in the machine's speed hits every candidate of a ratio alike."""
-    times = {k: [] for k in fns}
+    sync, times = torch.cuda.synchronize if device.type == "cuda" else (lambda: None), {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(timed(fn, device, 0, 1))
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(1000 * (time.perf_counter() - start))
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
-def set_experts(model: nn.Module, cfg: Config, experts: int, impl: str) -> None:
-    """Give every block a fresh MoEAdapter of `experts` experts (random non-zero up-projections)."""
-    for b in (m for m in model.modules() if isinstance(m, MoEBlock)):
-        b.moe = new_adapter(cfg, b.ln_1.weight.shape[0], impl, experts).to(b.ln_1.weight.device)
-        nn.init.normal_(b.moe.w_up, std=0.02)
-
-
-def bench_run(cfg: Config, device: torch.device) -> dict:
-    """Frozen CLIP forward (images + one task's class prompts), the adapted forward per --moe-impl, one
-    training step at 2 and at 22 experts, the mixture alone per implementation, and one test batch
-    through DDAS with cached class embeddings."""
+def bench_run(cfg: Config) -> dict:
+    """The frozen forward of images and one task's 10 class prompts against the adapted one (22 experts) per
+    --moe-impl, a training step at 22 against 2 experts, and the mixture alone (22 experts) per implementation."""
+    seed_everything(cfg.seed)
+    device = init_distributed(cfg)
     if world() > 1:
         raise UsageError("--bench runs in one process: start it with python, not torchrun")
     out = prepare_output_dir(cfg)
-    cfg = dataclasses.replace(cfg, routers="per-task", ddas_weights=cfg.ddas_weights or "random")
+    cfg = dataclasses.replace(cfg, routers="per-task")
     impls = ["loop", "batched"] + (["triton"] if triton is not None and device.type == "cuda" else [])
     auto = resolve_impl(dataclasses.replace(cfg, moe_impl="auto"))
-    model = load_clip(cfg).to(device)
-    res, B, C = model.visual.input_resolution, cfg.batch_size, 10  # C: the classes of one CIFAR-100 task
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randn(B, 3, res, res, generator=gen).to(device)
+    model = add_moe_adapters(load_clip(cfg), cfg).to(device)
+    B, C, gen = cfg.batch_size, 10, torch.Generator().manual_seed(cfg.seed)  # C: the classes of a CIFAR-100 task
+    images = torch.randn(B, 3, model.visual.input_resolution, model.visual.input_resolution, generator=gen).to(device)
     tokens = tokenize([cfg.prompt.format(f"class number {i}") for i in range(C)], device)
-    ms, zeros = {}, lambda n: torch.zeros(n, dtype=torch.long, device=device)
+    y = torch.randint(C, (B,), generator=gen).to(device)
+    zeros = lambda n: torch.zeros(n, dtype=torch.long, device=device)
     print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
           f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto})", file=sys.stderr)
-
-    def forward(route_images, route_texts):
-        with torch.no_grad(), autocast_for(cfg, device):
-            encode_images(model, images, route_images)
-            encode_texts(model, tokens, route_texts)
-
-    def adapted(impl):
-        for a in adapters(model):
-            a.impl = impl
-        forward(zeros(B), zeros(C))
-
-    with torch.no_grad(), autocast_for(cfg, device):  # the untouched CLIP, before any block is wrapped
-        ms["frozen_images"] = timed(lambda: model.encode_image(images), device)
-        ms["frozen_texts"] = timed(lambda: model.encode_text(tokens), device)
-    add_moe_adapters(model, cfg)
-    set_experts(model, cfg, 22, auto)
-    model.eval()  # frozen = every route None: the blocks run exactly CLIP's code, the experts are skipped
-    ms.update(interleaved({"frozen_forward": lambda: forward(None, None)} | {
-        f"adapted_forward_{impl}": (lambda impl=impl: adapted(impl)) for impl in impls}, device))
-    for a in adapters(model):
-        a.impl = auto
-    selector = TaskSelector(cfg, model, n_tasks_total(cfg)).to(device)  # DDAS over every task's autoencoder
-    with torch.no_grad():
-        selector.tau.copy_(selector.errors(selector.features(images)).median(0).values)  # a mix of routes
-        selector.trained.fill_(True)
-        text = {q: F.normalize(encode_texts(model, tokens, None if q is None else zeros(C) + q).float(), dim=-1)
-                for q in [None] + list(range(selector.tau.numel()))}
-    ms["ddas_eval_batch"] = timed(lambda: classify(model, cfg, images, selector.select(images), text.get), device)
-    # one training step (forward, backward, AdamW, restore of the fixed rows) with 22 and with 2 experts:
-    # two adapter sets swapped into the blocks in turn, so that drift in the machine's speed hits both alike
     blocks, setups = [m for m in model.modules() if isinstance(m, MoEBlock)], {}
-    for experts in (22, 2):
-        set_experts(model, cfg, experts, auto)
-        for a in adapters(model):
-            a.begin_task(0)
+    for experts in (22, 2):  # two adapter sets (random non-zero up-projections), swapped into the blocks in turn
+        for b in blocks:
+            b.moe = new_adapter(cfg, b.ln_1.weight.shape[0], auto, experts).to(device)
+            nn.init.normal_(b.moe.w_up, std=0.02)
+            b.moe.begin_task(0)
         setups[experts] = ([b.moe for b in blocks], torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
-    net, y = TaskLogits(model).train(), torch.randint(C, (B,), generator=gen).to(device)
+
+    def use(experts, impl):
+        for b, moe in zip(blocks, setups[experts][0]):
+            b.moe, moe.impl = moe, impl
+
+    def forward(impl):  # impl None: every route None, so the blocks run exactly CLIP's frozen code
+        use(22, impl or auto)
+        with torch.no_grad(), autocast_for(cfg, device):
+            encode_images(model, images, None if impl is None else zeros(B))
+            encode_texts(model, tokens, None if impl is None else zeros(C))
 
     def step(experts):
-        moes, opt = setups[experts]
-        for b, moe in zip(blocks, moes):
-            b.moe = moe
-        train_step(net, model, opt, cfg, images, y, tokens, 0)
+        use(experts, auto)
+        train_step(net, model, setups[experts][1], cfg, images, y, tokens, 0)
 
-    ms.update(interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in setups}, device))
-    d, L = model.visual.transformer.width, model.visual.positional_embedding.shape[0]
-    x = torch.randn(L, B, d, generator=gen).to(device)
-    for experts in (2, 22):  # the mixture alone, image-tower shapes
-        wd, bd = 0.02 * torch.randn(experts, d, cfg.bottleneck), torch.zeros(experts, cfg.bottleneck)
-        wu, bu = 0.02 * torch.randn(experts, cfg.bottleneck, d), torch.zeros(experts, d)
-        idx = torch.randn(B, experts, generator=gen).topk(cfg.top_k, dim=1).indices
-        w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
-        args = [t.to(device) for t in (x, idx, w, wd, bd, wu, bu)] + [cfg.adapter_scale, 0.0]
-        for impl in impls:
-            with torch.no_grad():
-                ms[f"mixture_{experts}_experts_{impl}"] = timed(lambda: MIXTURES[impl](*args), device, 2, 10)
+    model.eval()
+    ms = interleaved({"frozen_forward": lambda: forward(None)} | {
+        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device)
+    net = TaskLogits(model).train()
+    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in setups}, device)
+    d, L, r = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
+    x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
+    w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
+    experts = (0.02 * torch.randn(22, d, r), torch.zeros(22, r), 0.02 * torch.randn(22, r, d), torch.zeros(22, d))
+    args = [t.to(device) for t in (x, idx, w, *experts)] + [cfg.adapter_scale, 0.0]
+    with torch.no_grad():  # the mixture alone, image-tower shapes
+        ms |= interleaved({f"mixture_22_experts_{impl}": (lambda impl=impl: MIXTURES[impl](*args)) for impl in impls},
+                          device)
     ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
               "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms,
               "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
-              "step_ratio_22_vs_2_experts": ratio("train_step_22_experts", "train_step_2_experts"),
-              "mixture_speedup_batched_vs_loop_22": ratio("mixture_22_experts_loop", "mixture_22_experts_batched"),
-              "mixture_speedup_triton_vs_loop_22": ratio("mixture_22_experts_loop", "mixture_22_experts_triton"),
-              "mixture_speedup_triton_vs_batched_22": ratio("mixture_22_experts_batched", "mixture_22_experts_triton")}
+              "step_ratio_22_vs_2_experts": ratio("train_step_22_experts", "train_step_2_experts")} | {
+        f"mixture_speedup_{a}_vs_{b}_22": ratio(f"mixture_22_experts_{b}", f"mixture_22_experts_{a}")
+        for a, b in (("batched", "loop"), ("triton", "loop"), ("triton", "batched"))}
     result["targets_met"] = {k: None if result[k] is None else (result[k] <= v if how == "max" else result[k] >= v)
                              for k, (v, how) in BENCH_TARGETS.items()}
     lines = [f"{'what (' + result['device'] + ', batch ' + str(B) + ')':<44}{'ms':>10}"]
-    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()]
-    for k, (v, how) in BENCH_TARGETS.items():
-        got = "n/a (no CUDA)" if result[k] is None else f"{result[k]:.2f}"
-        lines.append(f"{k:<44}{got:>10}   target {'<=' if how == 'max' else '>='} {v}")
+    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()] + [
+        f"{k:<44}{'n/a (no CUDA)' if result[k] is None else format(result[k], '.2f'):>10}   target "
+        f"{'<=' if how == 'max' else '>='} {v}" for k, (v, how) in BENCH_TARGETS.items()]
     print("\n".join(lines))
     atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=1) + "\n")
     release_lock(out)
@@ -2633,8 +2413,8 @@ DEMO_RUNS = {  # benchmark -> label -> overrides
     "synthetic": {"zeroshot": dict(method="zeroshot"), "finetune": dict(method="finetune"),
                   "moe-adapters": dict(method="moe-adapters"), "moe-adapters full": dict(preset="full")},
     "synthetic-mtil": {"zeroshot": dict(method="zeroshot"), "finetune": dict(method="finetune"),
-                       "moe-adapters": dict(method="moe-adapters")},
-}
+                       "moe-adapters": dict(method="moe-adapters")}}
+DEMO_COLUMNS = {"synthetic": ("avg", "last", "forgetting"), "synthetic-mtil": ("transfer", "avg", "last", "forgetting")}
 DEMO_SEEDS = (0, 1, 2)  # every trained method runs with each; zeroshot trains nothing and runs once
 
 
@@ -2644,8 +2424,15 @@ def demo_one(job: tuple) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.time()
-    summary = run(resolve_config(dict(args, dataset=dataset, output_dir=out, seed=seed, **overrides)))
-    return dict(summary, seconds=time.time() - start)
+    return run(resolve_config(dict(args, dataset=dataset, output_dir=out, seed=seed, **overrides))) | {
+        "seconds": time.time() - start}
+
+
+def unseen_to_clip(rows: list) -> float:
+    """Share of the not-yet-learned tasks' test images that DDAS sent to the untouched CLIP, over a run's rows."""
+    dest = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"])
+            if j > r["task"] and d is not None]
+    return sum(d[0] for d in dest) / max(sum(map(sum, dest)), 1)
 
 
 def run_demo(args: dict) -> dict:
@@ -2670,92 +2457,97 @@ def run_demo(args: dict) -> dict:
     else:
         summaries = [demo_one(job) for job in jobs]
     results = {ds: {label: [] for label in runs} for ds, runs in DEMO_RUNS.items()}
-    for (ds, label, _), summary in zip(keys, summaries):
-        results[ds][label].append(summary)
+    for (ds, label, _), summary_ in zip(keys, summaries):
+        results[ds][label].append(summary_)
     stat = lambda rs, key: (float(np.mean([r[key] for r in rs])), float(np.std([r[key] for r in rs], ddof=1))
                             if len(rs) > 1 else 0.0)
-    cell = lambda rs, key: "{:>7.2f} ± {:<5.2f}".format(*stat(rs, key))
     cil, mtil = results["synthetic"], results["synthetic-mtil"]
-    lines = [f"Class-incremental synthetic world: 4 tasks of {len(SYNTHETIC_TASK_CLASSES) // 4} new classes, "
-             f"tiny CLIP, no task id; mean ± std over seeds {', '.join(map(str, DEMO_SEEDS))}",
-             f"{'method':<20}{'Avg':>15}{'Last':>15}{'Forgetting':>15}{'seconds':>9}"]
-    for m, rs in cil.items():
-        lines.append(f"{m:<20}{cell(rs, 'avg')}{cell(rs, 'last')}{cell(rs, 'forgetting')}"
-                     f"{stat(rs, 'seconds')[0]:>9.1f}")
-    own = np.mean([r["routes"]["own_router"] for r in cil["moe-adapters full"]])
-    lines += [f"moe-adapters: --preset cil (2 experts, one router); full: 22 experts, per-task routers, "
-              f"activate-freeze, DDAS ({100 * own:.1f}% of test images to their own task's router)", "",
-              f"Multi-domain synthetic benchmark (MTIL protocol): {' -> '.join(SYN_STYLES)}",
-              f"{'method':<20}{'Transfer':>15}{'Avg':>15}{'Last':>15}{'Forgetting':>15}{'seconds':>9}"]
-    for m, rs in mtil.items():
-        lines.append(f"{m:<20}{cell(rs, 'transfer')}{cell(rs, 'avg')}{cell(rs, 'last')}{cell(rs, 'forgetting')}"
-                     f"{stat(rs, 'seconds')[0]:>9.1f}")
-    moe = mtil["moe-adapters"]
-    lines.append(f"moe-adapters: --preset mtil with DDAS: {100 * np.mean([unseen_to_clip(r['rows']) for r in moe]):.1f}"
-                 f"% of the test images of not-yet-learned domains went to the untouched CLIP; after the last task "
-                 f"{100 * np.mean([r['routes']['own_router'] for r in moe]):.1f}% went to their own domain's router")
+    own = lambda rs: 100 * np.mean([r["routes"]["own_router"] for r in rs])
+    titles = {"synthetic": f"Class-incremental synthetic world: 4 tasks of {len(SYNTHETIC_TASK_CLASSES) // 4} new "
+                           f"classes, tiny CLIP, no task id; mean ± std over seeds {', '.join(map(str, DEMO_SEEDS))}",
+              "synthetic-mtil": f"Multi-domain synthetic benchmark (MTIL protocol): {' -> '.join(SYN_STYLES)}"}
+    notes = {"synthetic": f"moe-adapters: --preset cil (2 experts, one router); full: 22 experts, per-task routers, "
+                          f"activate-freeze, DDAS ({own(cil['moe-adapters full']):.1f}% of test images to their own "
+                          f"task's router)",
+             "synthetic-mtil": f"moe-adapters: --preset mtil with DDAS: "
+                               f"{100 * np.mean([unseen_to_clip(r['rows']) for r in mtil['moe-adapters']]):.1f}% of "
+                               f"the test images of not-yet-learned domains went to the untouched CLIP; after the "
+                               f"last task {own(mtil['moe-adapters']):.1f}% went to their own domain's router"}
+    lines = []
+    for ds, table in results.items():
+        if lines:
+            lines.append("")
+        lines += [titles[ds], f"{'method':<20}" + "".join(
+            f"{k.capitalize():>15}" for k in DEMO_COLUMNS[ds]) + f"{'seconds':>9}"]
+        lines += [f"{m:<20}" + "".join("{:>7.2f} ± {:<5.2f}".format(*stat(rs, k)) for k in DEMO_COLUMNS[ds]) +
+                  f"{stat(rs, 'seconds')[0]:>9.1f}" for m, rs in table.items()] + [notes[ds]]
     lines.append("(zeroshot trains nothing: one run; seconds: the mean run, one thread, two runs at a time)")
     print("\n".join(lines))
     atomic_write(os.path.join(base, "demo.txt"), "\n".join(lines) + "\n")
     plt = pyplot()
     if plt is not None:  # one figure: each benchmark's metrics per method, with the spread over the seeds
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for ax, (name, table, keys_) in zip(axes, (("class-incremental", cil, ("avg", "last", "forgetting")),
-                                                   ("multi-domain (MTIL)", mtil, ("transfer", "avg", "last")))):
+        for ax, (ds, table) in zip(axes, results.items()):
+            keys_ = DEMO_COLUMNS[ds][:3]
             for i, (m, rs) in enumerate(table.items()):
                 values = [stat(rs, k) for k in keys_]
                 ax.bar(np.arange(len(keys_)) + 0.2 * i - 0.3, [v[0] for v in values], 0.2,
                        yerr=[v[1] for v in values], capsize=3, label=m)
             ax.set_xticks(range(len(keys_)), [k.capitalize() for k in keys_])
-            ax.set(title=f"synthetic world, {name}", ylabel="%")
+            ax.set(title=f"synthetic world, {'multi-domain (MTIL)' if ds == 'synthetic-mtil' else 'class-incremental'}",
+                   ylabel="%")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(base, "demo.png"), dpi=100)
-        plt.close(fig)
+        save_figure(plt, fig, os.path.join(base, "demo.png"))
     return {"methods": results, "table": lines, "output_dir": base}
-
-
-def unseen_to_clip(rows: list) -> float:
-    """Share of the not-yet-learned tasks' test images that DDAS sent to the untouched CLIP, over all the
-    metrics rows of a run."""
-    dest = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"])
-            if j > r["task"] and d is not None]
-    return sum(d[0] for d in dest) / max(sum(map(sum, dest)), 1)
 
 
 def run_config(out: str, ckpt: dict, overrides: dict) -> Config:
     """The configuration of the run in `out`: its config.json, what its checkpoint computed with (which wins),
     and the run-only flags given now (--device, --clip-cache, ...)."""
-    saved = {}
-    if os.path.isfile(os.path.join(out, "config.json")):
-        try:
-            saved = json.load(open(os.path.join(out, "config.json")))
-        except (OSError, ValueError):
-            pass
+    try:
+        saved = json.loads(pathlib.Path(out, "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
     names = {f.name for f in fields(Config)}
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
-    values |= {k: v for k, v in overrides.items() if k in RUN_ONLY_FIELDS and v is not None}
+    values |= {k: os.path.expanduser(v) if k in PATH_FLAGS else v for k, v in overrides.items()
+               if k in RUN_ONLY_FIELDS and v is not None}
     cfg = Config(**values | dict(output_dir=out, resume=False, overwrite=False, dry_run=False, bench=False))
     validate(cfg)
     return cfg
 
 
-def predict(args: dict) -> dict:
+def resume_config(args: dict) -> Config:
+    """--resume --output-dir D: the run's configuration comes from its checkpoint; a flag given now that
+    contradicts it is refused by name (flags that change nothing computed, such as --device, may differ)."""
+    out = os.path.expanduser(args["output_dir"])
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
+    if args.get("overwrite"):
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
+    for k, v in args.items():
+        v = os.path.expanduser(v) if k in PATH_FLAGS and v else v
+        if v is not None and k in ckpt["config"] and v != ckpt["config"][k]:
+            raise UsageError(f"--{k.replace('_', '-')} {v!r} contradicts the run in {out}, which has "
+                             f"{ckpt['config'][k]!r}: drop the flag (--resume takes the run's own settings)")
+    return dataclasses.replace(run_config(out, ckpt, args), resume=True)
+
+
+def predict(args: dict, paths: list) -> dict:
     """--predict IMAGE ... --output-dir RUN: route and classify each image as the run's evaluation would (DDAS
     per image, or per batch of these images with --ddas-per-batch; else the run's router) among the classes the
     run has learned (MTIL: the chosen task's; the untouched CLIP: all learned ones). Prints each image's route
     and top 5, writes RUN/predictions.jsonl and returns {"predictions": [{"image", "route", "top5"}, ...]}."""
     from PIL import Image
-    out, paths = args.get("output_dir") or "", args["predict"]
-    ckpt_path = os.path.join(out, "checkpoint.pt")
+    out = os.path.expanduser(args.get("output_dir") or "")
     if not out or not os.path.isdir(out):
         raise UsageError(f"--predict needs --output-dir RUN, the folder of a trained run; {out or 'none'} is not one")
-    if not os.path.isfile(ckpt_path):
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
         raise UsageError(f"--predict: {out} holds no checkpoint.pt (a run saves it after its first task): "
                          f"train there first, or name another --output-dir")
-    ckpt = read_checkpoint(ckpt_path, None)
-    cfg = run_config(out, ckpt, args)
-    problems, images = [], []
+    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
+    cfg, problems, images = run_config(out, ckpt, args), [], []
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -2770,36 +2562,26 @@ def predict(args: dict) -> dict:
         raise UsageError("; ".join(problems) + ": pass image files (PNG, JPEG, ...)")
     if missing_weights(cfg, fetch=True):
         raise UsageError("; ".join(missing_weights(cfg, fetch=False)))
-    meta = ckpt.get("classes") or {}
-    bench = Benchmark(**meta, train=None, test=None, train_labels=None, test_labels=None) if meta else load_benchmark(
-        cfg, ARCHS[cfg.clip_model][1])
+    meta, no_data = ckpt.get("classes"), dict(train=None, test=None, train_labels=None, test_labels=None)
+    bench = Benchmark(**meta, **no_data) if meta else load_benchmark(cfg, ARCHS[cfg.clip_model][1])
     T, t = len(bench.splits), ckpt["next_task"] - 1  # t: the last completed task
     if t < T - 1:
-        print(f"{out} stopped after task {t + 1} of {T}: predicting with what it learned until then",
-              file=sys.stderr)
-    device = resolve_device(cfg)
+        print(f"{out} stopped after task {t + 1} of {T}: predicting with what it learned until then", file=sys.stderr)
     seed_everything(cfg.seed)  # --clip-weights random: the run's random CLIP
-    model = load_clip(cfg)
-    if cfg.method != "zeroshot":
-        add_moe_adapters(model, cfg)
-    selector = TaskSelector(cfg, model, T) if cfg.ddas else None
-    load_checkpoint(ckpt_path, model if cfg.method != "zeroshot" else None, cfg, selector)
-    model.to(device).eval()
-    transform = transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1]
-    x = torch.stack([transform(image) for image in images]).to(device)
-    with torch.no_grad():
-        if selector is not None:
-            r = selector.to(device).select(x)
-        else:  # without DDAS, per-task routers need the task id, which an image does not have: the last task's
-            fixed = None if cfg.method == "zeroshot" else t if cfg.routers == "per-task" else 0
-            r = torch.full((len(x),), -1 if fixed is None else fixed, device=device)
-        img = F.normalize(encode_images(model, x, r).float(), dim=-1)
-        predictions = []
-        for path, q, f in zip(paths, r.tolist(), img):
+    device = resolve_device(cfg)
+    model, selector = build_model(cfg, T, device)
+    load_checkpoint(os.path.join(out, "checkpoint.pt"), model if cfg.method != "zeroshot" else None, cfg, selector)
+    x = torch.stack([transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1](image)
+                     for image in images]).to(device)
+    predictions = []
+    with torch.no_grad():  # without DDAS, per-task routers need the task id, which an image lacks: the last task's
+        fixed = eval_route(cfg, t, t)
+        r = selector.select(x) if selector is not None else torch.full((len(x),), -1 if fixed is None else fixed,
+                                                                       device=device)
+        for path, q, f in zip(paths, r.tolist(), F.normalize(encode_images(model.eval(), x, r).float(), dim=-1)):
             tasks = [q] if bench.kind == "mtil" and q >= 0 else list(range(t + 1))
             text = class_embeddings(model, bench, None if q < 0 else q, device, cfg, tasks)
-            probs = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0)
-            top = probs.topk(min(5, len(probs)))
+            top = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0).topk(min(5, len(text)))
             names = [n for k in tasks for n in bench.class_names[slice(*bench.splits[k])]]
             where = "untouched CLIP" if q < 0 else "the shared router" if cfg.routers == "shared" else \
                 f"router of task {q}" + (f" ({bench.task_names[q]})" if bench.task_names else "")
@@ -2810,33 +2592,21 @@ def predict(args: dict) -> dict:
     return {"predictions": predictions}
 
 
-def resume_config(args: dict) -> Config:
-    """--resume --output-dir D: the run's configuration comes from its checkpoint; a flag given now that
-    contradicts it is refused by name (flags that change nothing computed, such as --device, may differ)."""
-    out = os.path.expanduser(args["output_dir"])
-    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
-    if args.get("overwrite"):
-        raise UsageError("--resume and --overwrite contradict each other: pick one")
-    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
-    for k, v in args.items():
-        v = os.path.expanduser(v) if k in ("clip_weights", "ddas_weights") and v else v
-        if v is not None and k in ckpt["config"] and v != ckpt["config"][k]:
-            raise UsageError(f"--{k.replace('_', '-')} {v!r} contradicts the run in {out}, which has "
-                             f"{ckpt['config'][k]!r}: drop the flag (--resume takes the run's own settings)")
-    cfg = run_config(out, ckpt, args)
-    return dataclasses.replace(cfg, resume=True)
-
+# ------------------------------------------------------------------------------------------------
+# main: one dispatcher among the demo, prediction, the dry run, the speed mode and a run.
+# ------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = vars(build_parser().parse_args(argv))
-        if args.get("predict"):
-            return predict(args)
-        if not argv or args.pop("demo"):
-            return run_demo({k: v for k, v in args.items() if k not in ("demo", "predict")})
-        return run(resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args))
+        demo, images = args.pop("demo") or not argv, args.pop("predict")
+        if images:
+            return predict(args, images)
+        if demo:
+            return run_demo(args)
+        cfg = resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args)
+        return (dry_run if cfg.dry_run else bench_run if cfg.bench else run)(cfg)
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank finds the same error
             # (raised in a DataLoader worker, the message arrives after that worker's traceback: its last line)

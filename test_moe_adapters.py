@@ -2152,9 +2152,8 @@ def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = json.loads((out / "bench.json").read_text())
     ms = b["ms"]
-    expected = {"frozen_images", "frozen_texts", "frozen_forward", "adapted_forward_loop", "adapted_forward_batched",
-                "ddas_eval_batch", "train_step_22_experts", "train_step_2_experts"} | {
-                f"mixture_{e}_experts_{i}" for e in (2, 22) for i in ("loop", "batched")}
+    expected = {"frozen_forward", "adapted_forward_loop", "adapted_forward_batched", "train_step_22_experts",
+                "train_step_2_experts", "mixture_22_experts_loop", "mixture_22_experts_batched"}  # what the targets need
     assert set(ms) == expected, set(ms) ^ expected  # no triton entries without CUDA
     assert all(v > 0 for v in ms.values())
     assert b["moe_impl_auto"] == "batched" and b["mixture_speedup_triton_vs_loop_22"] is None
@@ -2631,7 +2630,7 @@ def test_help_groups_the_flags_shows_the_real_values_and_the_commands():
     assert "[cifar100: 2; --preset full: 22; mtil: 22; synthetic: 2]" in flat  # --experts
     assert "mtil,synthetic,synthetic-mtil}" in flat and "{tiny,ViT-B/32,ViT-B/16" in flat
     assert "--demo" in flat and out.rstrip().endswith("python -m pytest -q test_moe_adapters.py                 "
-                                                       "# the tests, ~6 min on 2 CPU cores")
+                                                       "# the tests, ~8 min on 2 CPU cores")
 
 
 def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsys, fake_mtil):
