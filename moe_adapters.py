@@ -79,10 +79,10 @@ class UsageError(Exception):
 @dataclass
 class Config:
     # what to run
-    dataset: str = "cifar100"          # cifar100 | tinyimagenet | mtil (11 data sets) | synthetic, synthetic-mtil
+    dataset: str = "cifar100"          # cifar100 | tinyimagenet | mtil (11 data sets) | synthetic(-mtil) (offline)
     tasks: int = 10                    # CIFAR-100/synthetic: number of tasks; TinyImageNet: steps after 100 classes
     method: str = "moe-adapters"       # moe-adapters | finetune (one adapter per block, sequential) | zeroshot
-    preset: str = ""                   # cil (authors' CIL config) | full (22 experts, routers per task, freeze) | mtil
+    preset: str = ""                   # cil (authors' CIL) | full (22 experts, per-task, DDAS) | mtil; "" = data set's
     # backbone
     clip_model: str = "ViT-B/16"       # an OpenAI CLIP ViT, or "tiny" (a small CLIP pretrained on the synthetic world)
     clip_weights: str = ""             # "" = download/cache the named model; a local checkpoint path; or "random"
@@ -95,7 +95,7 @@ class Config:
     adapter_scale: float = 0.1         # fixed output scale s of every expert
     adapter_dropout: float = 0.1       # dropout after the expert's ReLU (training only)
     balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code uses 0)
-    moe_impl: str = "auto"             # loop (readable) | batched | triton (fused kernel) | auto: triton on CUDA
+    moe_impl: str = "auto"             # loop (readable) | batched (no host sync) | triton (fused) | auto (CUDA: triton)
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
     eval_noise: bool = False           # quirk Q1: keep router noise on at evaluation, as the authors' CIL code does
@@ -119,7 +119,7 @@ class Config:
     prompt: str = "a bad photo of a {}."  # train and test prompt template (spec 5.1)
     clean_names: bool = False          # quirk Q3: replace "_" by " " in class names (the authors keep "maple_tree")
     eval_train_transform: bool = False  # quirk Q2: evaluate with the random-crop train transform, as the authors
-    eval_all_tasks: bool = False       # class-incremental: also evaluate tasks after t+1 (the full matrix)
+    eval_all_tasks: bool = False       # class-incremental: evaluate the tasks after t+1 too (MTIL: always)
     # optimisation (spec 5.1)
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
@@ -191,8 +191,10 @@ def resolve_config(args: dict) -> Config:
     if preset == "cil" and (ds == "tinyimagenet" or (ds == "cifar100" and given.get("tasks") == 50)):
         values["batch_size"] = 64  # the authors' configs for CIFAR-100 2-2 and TinyImageNet
     values.update(METHOD_OVERRIDES[given.get("method", values["method"])])
-    if given.get("shots"):  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500) and its autoencoders
-        values.update(iterations=500 if preset == "mtil" else values["iterations"], ddas_lr=0.003)
+    if given.get("shots"):
+        values["ddas_lr"] = 0.003  # the authors' few-shot autoencoders (spec 4.2)
+        if preset == "mtil":
+            values["iterations"] = 500  # few-shot MTIL (spec 5.3, quirk Q19: the current script's 500)
     if "lr" in given and "dataset_lr" not in given:
         values["dataset_lr"] = False  # an explicit --lr wins over the per-data-set rates
     values.update(given)
@@ -249,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BOUNDS = {  # the range of every number: [ ] includes the end, ( ) leaves it out
-    **dict.fromkeys(("tasks",), "[1, 1000]"), **dict.fromkeys(("experts", "top_k", "freeze_top"), "[1, 1024]"),
-    "bottleneck": "[1, 65536]", "epochs": "[1, 10000]", "workers": "[0, 256]", "shots": "[0, 1000000]",
-    **dict.fromkeys(("iterations", "warmup"), "[0, 1e8]"), **dict.fromkeys(("ddas_iters", "ddas_reference_iters"),
-                                                                          "[1, 1e8]"),
-    **dict.fromkeys(("batch_size", "eval_batch_size", "ddas_hidden"), "[1, 1048576]"), "seed": "[0, 4294967295]",
-    **dict.fromkeys(("lr", "ddas_lr"), "(0, inf)"), **dict.fromkeys(("weight_decay", "balance_coef"), "[0, inf)"),
-    **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"), "ddas_quantile": "(0, 1]",
-    "adapter_scale": "(-inf, inf)"}
+    "tasks": "[1, 1000]", **dict.fromkeys(("experts", "top_k", "freeze_top"), "[1, 1024]"), "bottleneck": "[1, 65536]",
+    "epochs": "[1, 10000]", "workers": "[0, 256]", "shots": "[0, 1000000]", "seed": "[0, 4294967295]",
+    **dict.fromkeys(("iterations", "warmup"), "[0, 1e8]"),
+    **dict.fromkeys(("ddas_iters", "ddas_reference_iters"), "[1, 1e8]"),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "ddas_hidden"), "[1, 1048576]"),
+    **dict.fromkeys(("lr", "ddas_lr"), "(0, inf)"), "weight_decay": "[0, inf)", "ddas_quantile": "(0, 1]",
+    **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"),
+    **dict.fromkeys(("adapter_scale", "balance_coef"), "(-inf, inf)")}  # (finite)
 
 
 def in_range(value, interval: str) -> bool:
@@ -274,7 +276,7 @@ def number(text: str) -> float:
 def formats_name(prompt: str) -> bool:
     try:
         return prompt.format("x") != prompt
-    except (IndexError, KeyError, ValueError):
+    except (IndexError, KeyError, ValueError, AttributeError):  # "{1}", "{x}", "{", "{.x}"
         return False
 
 
@@ -284,27 +286,28 @@ ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, the
     "eval_all_tasks": ("a class-incremental data set", lambda c: c.dataset not in ("mtil", "synthetic-mtil")),
     "freeze_top": ("--freeze", lambda c: c.freeze),
     **dict.fromkeys([f.name for f in fields(Config) if f.name.startswith("ddas_")], ("--ddas", lambda c: c.ddas))}
-N_CLASSES = {"cifar100": 100, "tinyimagenet": 100, "mtil": 11, "synthetic": 32, "synthetic-mtil": 32}  # to split
-RULES = [  # (refused when, the message: a template of the config c, or a function of it), in order after BOUNDS
-    (lambda c: c.top_k > c.experts, "--top-k {c.top_k} is greater than --experts {c.experts}: choose top-k <= experts"),
+RULES = [  # (refused when, the message: a template of the config c, or a function of it), checked after BOUNDS
+    (lambda c: c.top_k > c.experts, "--top-k {c.top_k} is more than --experts {c.experts}: choose top-k <= experts"),
     (lambda c: c.freeze and c.freeze_top > c.experts, "--freeze-top {c.freeze_top} is more than --experts {c.experts}"),
-    (lambda c: c.dataset == "synthetic-mtil" and c.tasks != 4, "--dataset synthetic-mtil has 4 domains: drop --tasks"),
+    (lambda c: c.dataset == "synthetic-mtil" and c.tasks != len(SYN_STYLES), "--dataset synthetic-mtil has one task "
+     "per rendering style: drop --tasks"),
     (lambda c: c.dataset == "mtil" and c.tasks != 11, "--dataset mtil is 11 data sets, one task each: drop --tasks"),
     (lambda c: N_CLASSES[c.dataset] % c.tasks, lambda c: f"--tasks {c.tasks} does not divide the {N_CLASSES[c.dataset]}"
-     f" classes{' after the base' * (c.dataset == 'tinyimagenet')} of {c.dataset}: use a divisor such as " +
-     ", ".join([str(d) for d in range(2, N_CLASSES[c.dataset] + 1) if N_CLASSES[c.dataset] % d == 0][:6])),
+     f" classes of {c.dataset}{' after its base task' if c.dataset == 'tinyimagenet' else ''}: use a divisor such "
+     f"as {', '.join([str(d) for d in range(2, N_CLASSES[c.dataset] + 1) if N_CLASSES[c.dataset] % d == 0][:6])}"),
     (lambda c: c.clip_model.startswith("RN"), "--clip-model {c.clip_model} is a ResNet: MoE-Adapters needs a ViT CLIP"),
-    (lambda c: c.clip_model not in CHOICES["clip_model"],
-     lambda c: f"unknown --clip-model {c.clip_model!r}: use one of {', '.join(CHOICES['clip_model'])}"),
-    (lambda c: c.dataset.startswith("synthetic") and c.clip_model != "tiny",
-     "--dataset {c.dataset} needs --clip-model tiny (its images are 32x32)"),
-    (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"),
-     "--clip-model tiny is built and pretrained here; --clip-weights takes only 'random' with it"),
+    (lambda c: c.clip_model not in CHOICES["clip_model"], "unknown --clip-model {c.clip_model!r}: use one of "
+     + ", ".join(CHOICES["clip_model"])),
+    (lambda c: c.dataset.startswith("synthetic") and c.clip_model != "tiny", "--dataset {c.dataset} needs --clip-model "
+     "tiny (its images are 32x32)"),
+    (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"), "--clip-model tiny is built and "
+     "pretrained here; --clip-weights takes only 'random' with it"),
     (lambda c: not formats_name(c.prompt), "--prompt must contain one {{}} for the class name, got {c.prompt!r}"),
-    *[(lambda c, n=n: os.path.isfile(getattr(c, n)), f"--{n.replace('_', '-')} {{c.{n}}} is a file, not a folder")
-      for n in ("output_dir", "clip_cache", "data_root")],
-    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"),
-     "--ddas picks among per-task routers: use it with --routers per-task (e.g. --preset full)"),
+    *[(lambda c, n=n: os.path.exists(getattr(c, n)) and not os.path.isdir(getattr(c, n)),
+       f"--{n.replace('_', '-')} {{c.{n}}} is a file, not a folder") for n in ("output_dir", "clip_cache",
+                                                                               "data_root")],
+    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among per-task "
+     "routers: use it with --routers per-task (e.g. --preset full)"),
     (lambda c: c.ddas_threshold != "auto" and not in_range(number(c.ddas_threshold), "(0, inf)"),
      "--ddas-threshold takes a positive number or 'auto', got {c.ddas_threshold!r}"),
     (lambda c: c.ddas_all_autoencoders and c.ddas_threshold == "auto", "--ddas-all-autoencoders: untrained "
@@ -314,7 +317,7 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.moe_impl == "triton" and triton is None, "--moe-impl triton: triton is not installed: use batched"),
     (lambda c: c.moe_impl == "triton" and not triton_usable(resolve_device(c)), "--moe-impl triton needs a CUDA "
      "device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): use --moe-impl batched"),
-    (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, lambda c: "--moe-impl triton "
+    (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, lambda c: f"--moe-impl triton "
      f"holds at most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {c.top_k * c.bottleneck}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
     (lambda c: c.moe_impl == "triton" and kernel_fault_of(c), lambda c: f"--moe-impl triton fails its check against "
@@ -487,7 +490,9 @@ class MoEAdapter(nn.Module):
     def restore_fixed(self) -> None:
         """Copy frozen experts and other tasks' routers back bitwise, whatever the optimizer did
         (weight decay and Adam moments can move a row whose gradient is zero)."""
-        for n, p in self.named_parameters() if self._snapshot is not None else ():
+        if self._snapshot is None:
+            return
+        for n, p in self.named_parameters():
             is_router = n.startswith("w_gate") or n.startswith("w_noise")
             mask = torch.arange(self.R, device=p.device) != self.train_router if is_router else self.frozen
             p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), self._snapshot[n], p))  # no host sync
@@ -511,8 +516,8 @@ class MoEBlock(nn.Module):
 
     def __init__(self, block: nn.Module, adapter: MoEAdapter | None):
         super().__init__()
-        self.attn, self.ln_1, self.mlp, self.ln_2, self.attn_mask = block.attn, block.ln_1, block.mlp, block.ln_2, \
-            block.attn_mask
+        self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2
+        self.attn_mask = block.attn_mask
         self.moe = adapter
         self.route = None  # [N] router id per sample for the current call (-1 = untouched CLIP), or None
 
@@ -583,8 +588,8 @@ def parameter_table(model: nn.Module) -> dict:
          "clip_text_tower_and_heads": count(lambda n: not image(n) and not moe(n)),
          "experts_image": count(lambda n: image(n) and moe(n) and not router(n)),
          "experts_text": count(lambda n: not image(n) and moe(n) and not router(n)),
-         "routers_image": count(lambda n: image(n) and router(n)), "routers_text": count(lambda n: not image(n) and
-                                                                                            router(n))}
+         "routers_image": count(lambda n: image(n) and router(n)),
+         "routers_text": count(lambda n: not image(n) and router(n))}
     return t | {"frozen_params": t["clip_image_tower"] + t["clip_text_tower_and_heads"], "trainable_params": count(moe)}
 
 
@@ -1047,7 +1052,7 @@ class Benchmark:
         return max(1, math.ceil(n / batch))
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
-        labels, (lo, hi) = self.train_labels if split == "train" else self.test_labels, self.splits[task]
+        labels, (lo, hi) = (self.train_labels if split == "train" else self.test_labels), self.splits[task]
         return torch.utils.data.Subset(getattr(self, split), np.flatnonzero((labels >= lo) & (labels < hi)).tolist())
 
 
@@ -1074,7 +1079,8 @@ class Transformed(torch.utils.data.Dataset):
 
     def __init__(self, ds, indices: list, transform):
         self.ds, self.indices, self.transform = ds, indices, transform
-        self.targets = [labels_of(ds)[i] for i in indices]
+        labels = labels_of(ds)
+        self.targets = [labels[i] for i in indices]
 
     def __len__(self):
         return len(self.indices)
@@ -1181,12 +1187,13 @@ def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
     base = os.path.join(cfg.data_root, "tiny-imagenet-200")
     try:
         ds = TinyImageNetFolder(base, split, transform)
-        if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
-            raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
-        return check_files(ds)
     except (OSError, KeyError, IndexError) as e:
         raise UsageError(f"TinyImageNet not found (or incomplete) in {base} ({type(e).__name__}: {e}): unpack "
                          f"http://cs231n.stanford.edu/tiny-imagenet-200.zip into {cfg.data_root}") from None
+    if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
+        raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
+    try:
+        return check_files(ds)
     except UsageError as e:
         raise UsageError(f"TinyImageNet in {base}: {e}") from None
 
@@ -1326,7 +1333,8 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
         if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
             ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels),
                                                                 key=lambda item: str(item[0]))))
-        n_train, perm = int(0.8 * len(ds)), torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
+        n_train = int(0.8 * len(ds))
         names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name, names)
         return Transformed(ds, perm[:n_train], train_tf), Transformed(ds, perm[n_train:], test_tf), names
     split = {"Aircraft": lambda s, tf: D.FGVCAircraft(root, split=s, annotation_level="variant", transform=tf,
@@ -1341,7 +1349,8 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
              # torchvision's StanfordCars refuses download=True whatever is on disk (its URL is gone)
              "StanfordCars": lambda s, tf: D.StanfordCars(root, split=s, transform=tf, download=False)}[name]
     train, names = full(check_files(split("train", train_tf)))
-    names = FLOWERS102_NAMES if name == "Flowers" else list(train.classes) if name == "MNIST" else names  # "0 - zero"
+    if name in ("Flowers", "MNIST"):  # the spec's flower names; MNIST's "0 - zero", ... as torchvision names them
+        names = FLOWERS102_NAMES if name == "Flowers" else list(train.classes)
     return train, check_files(split("test", test_tf)), names
 
 
@@ -1351,7 +1360,7 @@ def open_dataset(name: str, cfg: Config, train_tf, test_tf):
         return mtil_dataset(name, cfg.data_root, cfg.download, train_tf, test_tf)
     except Exception as e:
         raise UsageError(f"{name} in {os.path.join(cfg.data_root, DATA_FILES[name][0])}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())}") from None
+                         f"{' '.join(str(e).split())} (replace it: {BY_HAND.get(name, 'or add --download')})") from None
 
 
 def load_mtil(cfg: Config, resolution: int) -> Benchmark:
@@ -1409,6 +1418,8 @@ SYNTHETIC_TASK_CLASSES = [SYN_PAIRS[i] for i in np.random.RandomState(0).permuta
 SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS = 120, 50
 SYN_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a picture of a {}.", "a {}.", "a drawing of a {}."]
 SYN_STYLES = ["photo", "on white", "outline", "noisy"]  # the domains of --dataset synthetic-mtil
+N_CLASSES = {"cifar100": 100, "tinyimagenet": 100, "mtil": 11, "synthetic": len(SYNTHETIC_TASK_CLASSES),
+             "synthetic-mtil": len(SYNTHETIC_TASK_CLASSES)}  # what --tasks splits (TinyImageNet: after its base)
 
 
 def syn_name(pair) -> str:
@@ -1465,8 +1476,8 @@ def load_synthetic(cfg: Config) -> Benchmark:
     synthetic-mtil: a multi-domain benchmark, one task per rendering style, each with 8 classes of its own
     (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
     mtil = cfg.dataset == "synthetic-mtil"
-    gen, splits = torch.Generator().manual_seed(4321 if mtil else 1234), even_splits(len(SYNTHETIC_TASK_CLASSES),
-                                                                                     cfg.tasks)
+    gen = torch.Generator().manual_seed(4321 if mtil else 1234)
+    splits = even_splits(len(SYNTHETIC_TASK_CLASSES), cfg.tasks)
     styled = list(zip(SYN_STYLES, splits)) if mtil else None
     (train, ytr), (test, yte) = (draw_synthetic(n, gen, styled) for n in (SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS))
     domains = dict(kind="mtil", templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
@@ -1746,7 +1757,8 @@ def train_step(net, model, opt, cfg: Config, x, y, tokens, router: int) -> torch
 def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device,
                net: nn.Module | None = None) -> float:
     """`net` is TaskLogits(model), wrapped in DistributedDataParallel under torchrun."""
-    net, (lo, hi), images = TaskLogits(model) if net is None else net, bench.splits[task], bench.subset("train", task)
+    net = TaskLogits(model) if net is None else net
+    (lo, hi), images = bench.splits[task], bench.subset("train", task)
     # every rank shuffles with the same seeded permutation and takes its share of each global batch (the
     # union of the ranks' batches is the batch of a single process), so 1 and N processes see the same data
     sampler = torch.utils.data.DistributedSampler(images, num_replicas=world(), rank=rank(), shuffle=True,
@@ -1807,9 +1819,12 @@ def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
 
 
 def routing_note(cfg: Config) -> str:
-    return "untouched CLIP" if cfg.method == "zeroshot" else "one shared router, no task id" if cfg.routers == \
-        "shared" else "per-task routers chosen per image by DDAS (no task id)" if cfg.ddas else \
-        "per-task routers chosen by the known task id of each test image (oracle)"
+    if cfg.method == "zeroshot":
+        return "untouched CLIP"
+    if cfg.routers == "shared":
+        return "one shared router, no task id"
+    return "per-task routers chosen " + ("per image by DDAS (no task id)" if cfg.ddas else
+                                         "by the known task id of each test image (oracle)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -1855,7 +1870,8 @@ def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_f
 def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None,
              stats: dict | None = None, clip_text: dict | None = None):
     """Row t of the accuracy matrix (percent), the number of test images of each task, and where the test
-    images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]. A (router, task)
+    images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]. Class-incremental:
+    among all classes seen so far; MTIL: among the task's own classes. A (router, task)
     pair's class prompts are encoded when an image first needs them, once per evaluation; the untouched CLIP's
     never change and are kept in `clip_text` (task -> embeddings) across evaluations and in the checkpoint.
     `stats` counts the images and the prompts of the run."""
@@ -1885,8 +1901,9 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
         tally = torch.zeros(n_routers(cfg) + 3, dtype=torch.long, device=device)  # correct, n, destinations
         for x, y in progress(loader, f"eval on task {j + 1}"):
             x, y = x.to(device, non_blocking=True), y.to(device)
-            r = selector.select(x) if selector is not None else None if fixed is None else \
-                torch.full((len(x),), fixed, device=device)                # [N], -1 = untouched CLIP
+            r = None if fixed is None else torch.full((len(x),), fixed, device=device)
+            if selector is not None:
+                r = selector.select(x)                                   # [N], -1 = untouched CLIP
             logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
             if r is None:
                 tally[2] += len(x)
@@ -1994,6 +2011,7 @@ def pyplot():
         return plt
     except ImportError:
         warn_once("matplotlib is not installed, so no pictures were drawn: pip install matplotlib")
+        return None
 
 
 def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None:
@@ -2099,7 +2117,8 @@ def read_checkpoint(path: str, cfg: Config | None) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is unreadable or corrupt ({type(e).__name__}): {CHECKPOINT_FIX}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
+            not isinstance(ckpt.get("config"), dict):
         raise UsageError(f"{path} is not a checkpoint of this script: {CHECKPOINT_FIX}")
     mine = run_identity(cfg) if cfg is not None else ckpt["config"]
     for k in sorted(set(mine) | set(ckpt["config"])):
@@ -2112,14 +2131,17 @@ def read_checkpoint(path: str, cfg: Config | None) -> dict:
 def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: TaskSelector | None = None) -> dict:
     """read_checkpoint, then restore the trainable state, the DDAS autoencoders and the RNG states."""
     ckpt = read_checkpoint(path, cfg)
-    for module, state, what in ((model, ckpt["trainable"], "model's adapters"),
-                                (selector, ckpt.get("ddas", {}), "run's DDAS autoencoders")):
-        try:  # the adapters are a part of the model's state; the autoencoders, all of the selector's
-            missing, unexpected = module.load_state_dict(state, strict=module is selector) if module else ([], [])
-        except RuntimeError:  # shapes or names differ
-            missing, unexpected = [], ["?"]
-        if unexpected or any(".moe." in k for k in missing):
-            raise UsageError(f"{path} does not match this {what}: {CHECKPOINT_FIX}")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["trainable"], strict=False) if model is not None else ([], [])
+    except RuntimeError:  # shapes differ
+        missing, unexpected = [], ["?"]
+    if unexpected or any(".moe." in k for k in missing):
+        raise UsageError(f"{path} does not match this model's adapters: {CHECKPOINT_FIX}")
+    if selector is not None:
+        try:
+            selector.load_state_dict(ckpt.get("ddas", {}))
+        except RuntimeError:
+            raise UsageError(f"{path} does not match this run's DDAS autoencoders: {CHECKPOINT_FIX}") from None
     set_rng_states(ckpt["rng"])
     return ckpt
 
@@ -2139,6 +2161,7 @@ def unwritable(path: str) -> str | None:
         os.remove(probe)
     except OSError as e:
         return f"--output-dir {path}: {parent} is not writable ({e.strerror})"
+    return None
 
 
 def lock_holder(out: str) -> str | None:
@@ -2151,6 +2174,7 @@ def lock_holder(out: str) -> str | None:
             return f"{pid}@{host}"  # another machine's lock cannot be checked from here, so it stands
     except (OSError, ValueError):  # no lock file, a dead process (ProcessLookupError), an unreadable lock
         pass
+    return None
 
 
 def release_lock(out: str) -> None:
@@ -2225,11 +2249,13 @@ def run(cfg: Config) -> dict:
     with rank_zero_first():
         bench = preflight(cfg)  # every missing data set or weights file named at once, before any work
         model, selector = build_model(cfg, len(bench.splits), device)
-    T, trained = len(bench.splits), model if cfg.method != "zeroshot" else None  # what the checkpoint holds
+    T = len(bench.splits)
+    trained = model if cfg.method != "zeroshot" else None  # what the checkpoint holds
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic") and main_rank:
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
-    out, ckpt_path = prepare_output_dir(cfg), os.path.join(cfg.output_dir, "checkpoint.pt")  # and takes its lock
+    out = prepare_output_dir(cfg)  # and takes its lock
+    ckpt_path = os.path.join(out, "checkpoint.pt")
     # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
     state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
     try:
@@ -2246,7 +2272,7 @@ def run(cfg: Config) -> dict:
         if main_rank:
             print(f"{run_label(cfg)}: writing to {out}", file=sys.stderr)
         net = TaskLogits(model)
-        if dist_on() and trained:  # averages the gradients of the ranks' shares of each batch
+        if dist_on() and trained is not None:  # averages the gradients of the ranks' shares of each batch
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                       forward_sync_buffers=False)  # usage counts: per rank, summed
         if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
@@ -2255,7 +2281,7 @@ def run(cfg: Config) -> dict:
         for t in range(len(state["rows"]), T):
             if dist_on():  # each rank's own router noise and dropout, a function of (seed, task, rank) resume repeats
                 torch.manual_seed(cfg.seed + 1_000_003 * (t + 1) + rank())
-            if trained:
+            if trained is not None:
                 train_task(model, cfg, bench, t, device, net)
             if selector is not None:
                 fit_on_rank_zero(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters,
@@ -2305,7 +2331,7 @@ def dry_run(cfg: Config) -> dict:
     if cfg.ddas:  # counted apart from the trainable adapters, as the paper does
         g = ((model.visual.input_resolution + 4 - 11) // 4 + 1 - 3) // 2 + 1  # AlexNet conv1 (k11 s4 p2), pool 3/2
         g = (g - 3) // 2 + 1                                                  # conv2 keeps the size, max-pool 3/2
-        dim, h = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1], cfg.ddas_hidden
+        dim, h = (256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]), cfg.ddas_hidden
         table["ddas_autoencoders"] = (n_tasks_total(cfg) + int(cfg.ddas_reference)) * (2 * dim * h + h + dim)
     print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
           f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
@@ -2571,14 +2597,17 @@ def predict(args: dict, paths: list) -> dict:
     device = resolve_device(cfg)
     model, selector = build_model(cfg, T, device)
     load_checkpoint(os.path.join(out, "checkpoint.pt"), model if cfg.method != "zeroshot" else None, cfg, selector)
-    x = torch.stack([transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1](image)
-                     for image in images]).to(device)
+    model.eval()
+    transform = transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1]
+    x = torch.stack([transform(image) for image in images]).to(device)
     predictions = []
     with torch.no_grad():  # without DDAS, per-task routers need the task id, which an image lacks: the last task's
         fixed = eval_route(cfg, t, t)
-        r = selector.select(x) if selector is not None else torch.full((len(x),), -1 if fixed is None else fixed,
-                                                                       device=device)
-        for path, q, f in zip(paths, r.tolist(), F.normalize(encode_images(model.eval(), x, r).float(), dim=-1)):
+        if selector is not None:
+            r = selector.select(x)
+        else:
+            r = torch.full((len(x),), -1 if fixed is None else fixed, device=device)
+        for path, q, f in zip(paths, r.tolist(), F.normalize(encode_images(model, x, r).float(), dim=-1)):
             tasks = [q] if bench.kind == "mtil" and q >= 0 else list(range(t + 1))
             text = class_embeddings(model, bench, None if q < 0 else q, device, cfg, tasks)
             top = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0).topk(min(5, len(text)))
@@ -2606,7 +2635,11 @@ def main(argv: list[str] | None = None) -> dict:
         if demo:
             return run_demo(args)
         cfg = resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args)
-        return (dry_run if cfg.dry_run else bench_run if cfg.bench else run)(cfg)
+        if cfg.dry_run:
+            return dry_run(cfg)
+        if cfg.bench:
+            return bench_run(cfg)
+        return run(cfg)
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank finds the same error
             # (raised in a DataLoader worker, the message arrives after that worker's traceback: its last line)
