@@ -2388,18 +2388,19 @@ def bench_run(cfg: Config) -> dict:
         setups[experts] = ([b.moe for b in blocks], torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
 
-    def use(experts, impl):
+    def use(experts, impl, training):  # put one adapter set into the blocks, in evaluation or training mode
         for b, moe in zip(blocks, setups[experts][0]):
             b.moe, moe.impl = moe, impl
+            moe.train(training)
 
     def forward(impl):  # impl None: every route None, so the blocks run exactly CLIP's frozen code
-        use(22, impl or auto)
+        use(22, impl or auto, False)
         with torch.no_grad(), autocast_for(cfg, device):
             encode_images(model, images, None if impl is None else zeros(B))
             encode_texts(model, tokens, None if impl is None else zeros(C))
 
     def step(experts):
-        use(experts, auto)
+        use(experts, auto, True)
         train_step(net, model, setups[experts][1], cfg, images, y, tokens, 0)
 
     model.eval()
