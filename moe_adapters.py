@@ -334,7 +334,9 @@ def validate(cfg: Config) -> None:
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
 
 
 def n_tasks_total(cfg: Config) -> int:  # TinyImageNet has a 100-class base task before its --tasks steps
@@ -442,9 +444,10 @@ class MoEAdapter(nn.Module):
         rows, r = torch.arange(N, device=c.device), route.clamp(min=0)
         flat = lambda W: (c @ W.permute(1, 0, 2).reshape(c.shape[1], -1)).view(N, self.R, self.E)[rows, r]
         H = flat(self.w_gate)                                            # H = c W_g^t            [N, E]
-        noisy = self.training or self.eval_noise
-        sigma = F.softplus(flat(self.w_noise)) + 0.01 if noisy else None  # sigma = softplus(c W_n^t) + 0.01
-        H_noisy = H + torch.randn_like(H) * sigma if noisy else H        # H~ = H + eps * sigma
+        H_noisy, sigma = H, None
+        if self.training or self.eval_noise:
+            sigma = F.softplus(flat(self.w_noise)) + 0.01                # sigma = softplus(c W_n^t) + 0.01
+            H_noisy = H + torch.randn_like(H) * sigma                    # H~ = H + eps * sigma
         top, idx = H_noisy.topk(self.k, dim=1)                           # K = TopK(H~)
         w = torch.softmax(top, dim=1) * use                              # G = softmax over the top-k only
         if self.training:  # usage counts for activate-freeze stay on the device (no .item() per block)
@@ -494,7 +497,7 @@ class MoEAdapter(nn.Module):
             return
         for n, p in self.named_parameters():
             is_router = n.startswith("w_gate") or n.startswith("w_noise")
-            mask = torch.arange(self.R, device=p.device) != self.train_router if is_router else self.frozen
+            mask = (torch.arange(self.R, device=p.device) != self.train_router) if is_router else self.frozen
             p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), self._snapshot[n], p))  # no host sync
 
     @torch.no_grad()
@@ -1359,8 +1362,9 @@ def open_dataset(name: str, cfg: Config, train_tf, test_tf):
     try:
         return mtil_dataset(name, cfg.data_root, cfg.download, train_tf, test_tf)
     except Exception as e:
+        fix = BY_HAND.get(name, "replace it, or add --download (needs internet)")
         raise UsageError(f"{name} in {os.path.join(cfg.data_root, DATA_FILES[name][0])}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())} (replace it: {BY_HAND.get(name, 'or add --download')})") from None
+                         f"{' '.join(str(e).split())} ({fix})") from None
 
 
 def load_mtil(cfg: Config, resolution: int) -> Benchmark:
@@ -1813,9 +1817,9 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
 def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
     """Router for the test images of `task` when no selector decides: None = untouched CLIP. Per-task
     routers without --ddas use the known task id (an oracle)."""
-    if cfg.method == "zeroshot":
+    if cfg.method == "zeroshot" or (cfg.routers == "per-task" and task > trained_upto):
         return None
-    return (task if task <= trained_upto else None) if cfg.routers == "per-task" else 0
+    return task if cfg.routers == "per-task" else 0
 
 
 def routing_note(cfg: Config) -> str:
@@ -1901,9 +1905,10 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
         tally = torch.zeros(n_routers(cfg) + 3, dtype=torch.long, device=device)  # correct, n, destinations
         for x, y in progress(loader, f"eval on task {j + 1}"):
             x, y = x.to(device, non_blocking=True), y.to(device)
-            r = None if fixed is None else torch.full((len(x),), fixed, device=device)
             if selector is not None:
                 r = selector.select(x)                                   # [N], -1 = untouched CLIP
+            else:
+                r = None if fixed is None else torch.full((len(x),), fixed, device=device)
             logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
             if r is None:
                 tally[2] += len(x)
@@ -1911,7 +1916,8 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
                 tally[2:] += torch.bincount(r + 1, minlength=len(tally) - 2)
             tally[0] += (logits.argmax(1) + lo == y).sum()
             tally[1] += len(y)
-        correct, n, where = all_sum(tally)[0].item(), tally[1].item(), tally[2:].tolist()
+        tally = all_sum(tally)  # over the ranks' shares
+        correct, n, where = tally[0].item(), tally[1].item(), tally[2:].tolist()
         stats["eval_images"] += n
         results.append((100.0 * correct / max(n, 1), n, where))
     accs, counts, sent = (list(column) for column in zip(*results))
@@ -2168,10 +2174,11 @@ def lock_holder(out: str) -> str | None:
     """The live process (pid@host) that holds out/.lock, or None: no lock, ours, or left by a killed run."""
     try:
         pid, host = pathlib.Path(out, ".lock").read_text().split()
-        if host == os.uname().nodename and int(pid) != os.getpid():
-            os.kill(int(pid), 0)  # ProcessLookupError if that process has ended
-        if host != os.uname().nodename or int(pid) != os.getpid():
+        if host != os.uname().nodename:
             return f"{pid}@{host}"  # another machine's lock cannot be checked from here, so it stands
+        if int(pid) != os.getpid():
+            os.kill(int(pid), 0)  # raises ProcessLookupError if that process has ended
+            return f"{pid}@{host}"
     except (OSError, ValueError):  # no lock file, a dead process (ProcessLookupError), an unreadable lock
         pass
     return None
@@ -2225,7 +2232,7 @@ def build_model(cfg: Config, n_tasks: int, device) -> tuple:
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     model.to(device)
-    return model, TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None
+    return model, (TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None)
 
 
 def run_label(cfg: Config) -> str:
@@ -2349,7 +2356,8 @@ BENCH_TARGETS = {  # key: (bound, "max" or "min")
 def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
     """Median milliseconds of each fn, called in turn round after round (the first round warms up), so that
     drift in the machine's speed hits every candidate of a ratio alike."""
-    sync, times = torch.cuda.synchronize if device.type == "cuda" else (lambda: None), {k: [] for k in fns}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             sync()
@@ -2403,16 +2411,17 @@ def bench_run(cfg: Config) -> dict:
         use(experts, auto, True)
         train_step(net, model, setups[experts][1], cfg, images, y, tokens, 0)
 
+    net = TaskLogits(model)
     model.eval()
     ms = interleaved({"frozen_forward": lambda: forward(None)} | {
         f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device)
-    net = TaskLogits(model).train()
+    net.train()
     ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in setups}, device)
-    d, L, r = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
+    d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
     x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
     w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
-    experts = (0.02 * torch.randn(22, d, r), torch.zeros(22, r), 0.02 * torch.randn(22, r, d), torch.zeros(22, d))
-    args = [t.to(device) for t in (x, idx, w, *experts)] + [cfg.adapter_scale, 0.0]
+    weights = (0.02 * torch.randn(22, d, h), torch.zeros(22, h), 0.02 * torch.randn(22, h, d), torch.zeros(22, d))
+    args = [t.to(device) for t in (x, idx, w, *weights)] + [cfg.adapter_scale, 0.0]
     with torch.no_grad():  # the mixture alone, image-tower shapes
         ms |= interleaved({f"mixture_22_experts_{impl}": (lambda impl=impl: MIXTURES[impl](*args)) for impl in impls},
                           device)
@@ -2465,8 +2474,8 @@ def unseen_to_clip(rows: list) -> float:
 def run_demo(args: dict) -> dict:
     """Offline demo: the synthetic world and the tiny CLIP, both benchmarks, the methods side by side, each
     trained method with 3 seeds (mean ± sample std), two runs at a time in worker processes of one thread."""
-    if args.get("dry_run") or args.get("resume"):
-        raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
+    if args.get("dry_run") or args.get("resume") or args.get("bench"):
+        raise UsageError("--demo makes fresh runs: it takes none of --dry-run, --bench and --resume")
     base = args.get("output_dir") or os.path.join("runs", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     pretrained_tiny_clip(resolve_config(dict(args, dataset="synthetic")))  # once, before the runs that share it
     together = int(os.environ.get("WORLD_SIZE", "1")) == 1  # under torchrun the ranks run each job together
@@ -2484,8 +2493,8 @@ def run_demo(args: dict) -> dict:
     else:
         summaries = [demo_one(job) for job in jobs]
     results = {ds: {label: [] for label in runs} for ds, runs in DEMO_RUNS.items()}
-    for (ds, label, _), summary_ in zip(keys, summaries):
-        results[ds][label].append(summary_)
+    for (ds, label, _), result in zip(keys, summaries):
+        results[ds][label].append(result)
     stat = lambda rs, key: (float(np.mean([r[key] for r in rs])), float(np.std([r[key] for r in rs], ddof=1))
                             if len(rs) > 1 else 0.0)
     cil, mtil = results["synthetic"], results["synthetic-mtil"]
@@ -2515,7 +2524,7 @@ def run_demo(args: dict) -> dict:
     if plt is not None:  # one figure: each benchmark's metrics per method, with the spread over the seeds
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for ax, (ds, table) in zip(axes, results.items()):
-            keys_ = DEMO_COLUMNS[ds][:3]
+            keys_ = DEMO_COLUMNS[ds][:3]  # MTIL: Transfer, Avg, Last
             for i, (m, rs) in enumerate(table.items()):
                 values = [stat(rs, k) for k in keys_]
                 ax.bar(np.arange(len(keys_)) + 0.2 * i - 0.3, [v[0] for v in values], 0.2,
@@ -2537,8 +2546,8 @@ def run_config(out: str, ckpt: dict, overrides: dict) -> Config:
         saved = {}
     names = {f.name for f in fields(Config)}
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
-    values |= {k: os.path.expanduser(v) if k in PATH_FLAGS else v for k, v in overrides.items()
-               if k in RUN_ONLY_FIELDS and v is not None}
+    values |= {k: v for k, v in overrides.items() if k in RUN_ONLY_FIELDS and v is not None}
+    values |= {name: os.path.expanduser(values[name]) for name in PATH_FLAGS}
     cfg = Config(**values | dict(output_dir=out, resume=False, overwrite=False, dry_run=False, bench=False))
     validate(cfg)
     return cfg
