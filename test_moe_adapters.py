@@ -1,4 +1,4 @@
-"""Tests of moe_adapters.py (offline, CPU, well under 4 minutes on 2 cores).
+"""Tests of moe_adapters.py (offline, CPU, about 8 minutes on 2 cores; the GPU checks skip without CUDA).
 
     python -m pytest -q test_moe_adapters.py
 
