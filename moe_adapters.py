@@ -1598,6 +1598,23 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
     return problems
 
 
+def overlong_prompts(bench: Benchmark, cfg: Config) -> list:
+    """[] if every prompt fits the text tower's context, else one line naming the longest of the first task that
+    does not. The prompts are tokenized here, once per run: the evaluations take them from prompt_tokens' cache."""
+    context = ARCHS[cfg.clip_model][5]
+    for task in range(len(bench.splits)):
+        prompts = task_prompts(bench, task)
+        try:
+            if all(tokens.shape[1] <= context for tokens in prompt_tokens(prompts)):
+                continue
+        except RuntimeError:  # clip.tokenize refuses a prompt of more than 77 tokens
+            pass
+        n, prompt = max((len(clip.clip._tokenizer.encode(p)) + 2, p) for p in prompts)
+        return [f"the prompt {prompt!r} is {n} tokens, more than the {context} of {cfg.clip_model}'s text tower: "
+                f"shorten --prompt"]
+    return []
+
+
 def preflight(cfg: Config) -> Benchmark:
     """Everything a run needs from disk or the network, before any work: the data sets (loaded here, and
     downloaded with --download), the CLIP weights and DDAS's AlexNet weights. Every missing item is named in
@@ -1608,14 +1625,8 @@ def preflight(cfg: Config) -> Benchmark:
             bench = load_benchmark(cfg, ARCHS[cfg.clip_model][1])
         except UsageError as e:
             problems.append(str(e))
-    if bench is not None:  # every prompt the run will encode fits the text tower's context
-        context = ARCHS[cfg.clip_model][5]
-        n, prompt = max((len(clip.clip._tokenizer.encode(tpl.format(name))) + 2, tpl.format(name))
-                        for (lo, hi), templates in zip(bench.splits, bench.templates) for tpl in templates
-                        for name in bench.class_names[lo:hi])
-        if n > context:
-            problems.append(f"the prompt {prompt!r} is {n} tokens, more than the {context} of {cfg.clip_model}'s "
-                            f"text tower: shorten --prompt")
+    if bench is not None:
+        problems += overlong_prompts(bench, cfg)
     problems += missing_weights(cfg, fetch=not problems)
     if problems:
         raise UsageError("; ".join(problems))
@@ -1831,6 +1842,12 @@ def routing_note(cfg: Config) -> str:
                                          "by the known task id of each test image (oracle)")
 
 
+def task_prompts(bench: Benchmark, task: int) -> tuple:
+    """Every prompt of a task: each of its class names in each of its templates, class by class."""
+    (lo, hi), templates = bench.splits[task], bench.templates[task]
+    return tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)
+
+
 @functools.lru_cache(maxsize=64)
 def prompt_tokens(prompts: tuple) -> list:
     """The prompts tokenized in chunks of 256, once per run: the BPE tokenizer is slower than the tiny text tower."""
@@ -1845,7 +1862,7 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
     for task in range(len(bench.splits)) if tasks is None else tasks:
         (lo, hi), templates = bench.splits[task], bench.templates[task]
         emb = []
-        for tokens in prompt_tokens(tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)):
+        for tokens in prompt_tokens(task_prompts(bench, task)):
             r = None if route is None else torch.full((len(tokens),), route, device=device)
             with autocast_for(cfg, device):
                 emb.append(F.normalize(encode_texts(model, tokens.to(device), r).float(), dim=-1))
@@ -2596,8 +2613,9 @@ def predict(args: dict, paths: list) -> dict:
             problems.append(f"{path} is not a readable image ({type(e).__name__})")
     if problems:
         raise UsageError("; ".join(problems) + ": pass image files (PNG, JPEG, ...)")
-    if missing_weights(cfg, fetch=True):
-        raise UsageError("; ".join(missing_weights(cfg, fetch=False)))
+    problems = missing_weights(cfg, fetch=True)  # (a failed download is named as such)
+    if problems:
+        raise UsageError("; ".join(problems))
     meta, no_data = ckpt.get("classes"), dict(train=None, test=None, train_labels=None, test_labels=None)
     bench = Benchmark(**meta, **no_data) if meta else load_benchmark(cfg, ARCHS[cfg.clip_model][1])
     T, t = len(bench.splits), ckpt["next_task"] - 1  # t: the last completed task
