@@ -24,10 +24,6 @@ data-parallel on several GPUs under torchrun; --bench measures the speed.
     python moe_adapters.py --predict IMG.jpg --output-dir RUN   # route and classify images with a trained run
     python moe_adapters.py --bench --clip-weights random     # speed of the adapters on this device
     python -m pytest -q test_moe_adapters.py                 # the tests, ~8 min on 2 CPU cores
-
-Sections: config | CLIP backbone | experts and routers | the mixture (loop, batched, fused kernel) |
-task selector (DDAS) | data | training one task (and data parallelism) | evaluation and metrics |
-checkpoints and the output folder | the task loop | speed mode, demo, prediction | command line and main.
 """
 from __future__ import annotations
 
@@ -2404,17 +2400,15 @@ def bench_run(cfg: Config) -> dict:
     zeros = lambda n: torch.zeros(n, dtype=torch.long, device=device)
     print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
           f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto})", file=sys.stderr)
-    blocks, setups = [m for m in model.modules() if isinstance(m, MoEBlock)], {}
-    for experts in (22, 2):  # two adapter sets (random non-zero up-projections), swapped into the blocks in turn
-        for b in blocks:
-            b.moe = new_adapter(cfg, b.ln_1.weight.shape[0], auto, experts).to(device)
-            nn.init.normal_(b.moe.w_up, std=0.02)
-            b.moe.begin_task(0)
-        setups[experts] = ([b.moe for b in blocks], torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr))
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    sets = {e: [new_adapter(cfg, b.ln_1.weight.shape[0], auto, e).to(device) for b in blocks] for e in (22, 2)}
+    for moe in sets[22] + sets[2]:  # two adapter sets, swapped into the blocks in turn
+        nn.init.normal_(moe.w_up, std=0.02)  # non-zero up-projections
+        moe.begin_task(0)
+    opts = {e: torch.optim.AdamW([p for moe in s for p in moe.parameters()], lr=cfg.lr) for e, s in sets.items()}
 
     def use(experts, impl, training):  # put one adapter set into the blocks, in evaluation or training mode
-        for b, moe in zip(blocks, setups[experts][0]):
+        for b, moe in zip(blocks, sets[experts]):
             b.moe, moe.impl = moe, impl
             moe.train(training)
 
@@ -2426,14 +2420,14 @@ def bench_run(cfg: Config) -> dict:
 
     def step(experts):
         use(experts, auto, True)
-        train_step(net, model, setups[experts][1], cfg, images, y, tokens, 0)
+        train_step(net, model, opts[experts], cfg, images, y, tokens, 0)
 
     net = TaskLogits(model)
     model.eval()
     ms = interleaved({"frozen_forward": lambda: forward(None)} | {
         f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device)
     net.train()
-    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in setups}, device)
+    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in sets}, device)
     d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
     x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
     w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)

@@ -1,4 +1,4 @@
-"""Tests of moe_adapters.py (offline, CPU, about 8 minutes on 2 cores; the GPU checks skip without CUDA).
+"""Tests of moe_adapters.py (offline, CPU, about 7.5 minutes on 2 cores; the GPU checks skip without CUDA).
 
     python -m pytest -q test_moe_adapters.py
 
@@ -2069,6 +2069,16 @@ def cli_run(launcher: list, argv: list, out, timeout: int = 300) -> subprocess.C
     return proc
 
 
+def one_process_run(argv: list, out) -> None:
+    """The 1-process reference, in this process, with the thread count of each rank (one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        M.main(argv + ["--output-dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def accuracy_matrix(out) -> np.ndarray:
     return np.loadtxt(os.path.join(out, "accuracy_matrix.csv"), delimiter=",", skiprows=1)[:, 1:]
 
@@ -2078,7 +2088,7 @@ def test_two_processes_equal_one_process_when_training_draws_no_random_numbers(t
     permutation, each rank taking its half of every global batch), and DDP averages the two half-batch
     gradients into the full-batch one: the accuracy matrices agree up to float summation order."""
     argv = DDP_ARGS + ["--method", "finetune", "--adapter-dropout", "0", "--clip-weights", "random"]
-    cli_run([sys.executable, SCRIPT], argv, tmp_path / "one")
+    one_process_run(argv, tmp_path / "one")
     cli_run(TORCHRUN, argv, tmp_path / "two")
     one, two = accuracy_matrix(tmp_path / "one"), accuracy_matrix(tmp_path / "two")
     assert one.shape == two.shape == (2, 2)
@@ -2091,7 +2101,7 @@ def two_process_full_run(clip_cache, tmp_path_factory):
     CLIP, in 1 process and in 2."""
     base = tmp_path_factory.mktemp("ddp")
     argv = DDP_ARGS + ["--preset", "full", "--clip-cache", clip_cache]
-    cli_run([sys.executable, SCRIPT], argv, base / "one")
+    one_process_run(argv, base / "one")
     two = cli_run(TORCHRUN, argv, base / "two")
     return argv, base, two
 
@@ -2484,19 +2494,25 @@ def test_overwrite_interrupted_in_its_first_task_keeps_the_old_run(small_run, sm
     assert summary["accuracy_matrix"] != small_run[1]["accuracy_matrix"] and ".lock" not in os.listdir(run_dir)
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, clip_cache):
+def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, clip_cache, capsys):
+    """The first run is a process of its own; the second, here in-process, starts while the first holds the lock."""
     out = tmp_path / "run"
-    argv = [sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache, "--output-dir", str(out)]
-    first = subprocess.Popen(argv + ["--epochs", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["--dataset", "synthetic", "--clip-cache", clip_cache, "--output-dir", str(out)]
+    first = subprocess.Popen([sys.executable, SCRIPT] + argv + ["--epochs", "1"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / ".lock").exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(argv + ["--overwrite"], capture_output=True, text=True, timeout=120)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as second:
+        M.main(argv + ["--overwrite"])
+    err = capsys.readouterr().err
+    assert first.poll() is None, "the first run ended before the second was tried"
     assert first.wait(timeout=300) == 0
-    assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert second.stderr.splitlines() == [f"moe_adapters.py: error: {out} is in use by process {first.pid}@"
-                                          f"{os.uname().nodename}: wait for it to end, or choose another --output-dir"]
-    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 6
+    assert second.value.code == 2 and "Traceback" not in err
+    assert err.splitlines() == [f"moe_adapters.py: error: {out} is in use by process {first.pid}@"
+                                f"{os.uname().nodename}: wait for it to end, or choose another --output-dir"]
+    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 1
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / "stale"
@@ -2522,9 +2538,8 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, 
     assert re.fullmatch(rf"moe_adapters.py: interrupted during task [234] of 4; resume with: python moe_adapters.py "
                         rf"--resume --output-dir {re.escape(str(out))}", last), last
     assert not (out / ".lock").exists()
-    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", "--output-dir", str(out), "--clip-cache",
-                              clip_cache], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and len(read_jsonl(out / "metrics.jsonl")) == 5, resumed.stderr[-2000:]
+    M.main(["--resume", "--output-dir", str(out), "--clip-cache", clip_cache])  # in-process: raises if it fails
+    assert len(read_jsonl(out / "metrics.jsonl")) == 5 and not (out / ".lock").exists()
 
 
 def test_output_folders_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path, monkeypatch):
