@@ -23,7 +23,7 @@ data-parallel on several GPUs under torchrun; --bench measures the speed.
     python moe_adapters.py --resume --output-dir RUN         # continue a stopped run
     python moe_adapters.py --predict IMG.jpg --output-dir RUN   # route and classify images with a trained run
     python moe_adapters.py --bench --clip-weights random     # speed of the adapters on this device
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~8 min on 2 CPU cores
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~7.5 min on 2 CPU cores
 """
 from __future__ import annotations
 

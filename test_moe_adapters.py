@@ -2650,7 +2650,7 @@ def test_help_groups_the_flags_shows_the_real_values_and_the_commands():
     assert "[cifar100: 2; --preset full: 22; mtil: 22; synthetic: 2]" in flat  # --experts
     assert "mtil,synthetic,synthetic-mtil}" in flat and "{tiny,ViT-B/32,ViT-B/16" in flat
     assert "--demo" in flat and out.rstrip().endswith("python -m pytest -q test_moe_adapters.py                 "
-                                                       "# the tests, ~8 min on 2 CPU cores")
+                                                       "# the tests, ~7.5 min on 2 CPU cores")
 
 
 def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsys, fake_mtil):
