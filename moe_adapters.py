@@ -824,9 +824,9 @@ def resolve_impl(cfg: Config) -> str:
     device = resolve_device(cfg)
     if cfg.moe_impl != "auto" or not kernel_gpu(device) or cfg.top_k * cfg.bottleneck > FUSED_MAX_HIDDEN:
         return "batched" if cfg.moe_impl == "auto" else cfg.moe_impl
-    if kernel_fault_of(cfg):
-        warn_once(f"the fused Triton kernel fails its check on {device} ({kernel_fault_of(cfg)}): running "
-                  f"--moe-impl batched")
+    fault = kernel_fault_of(cfg)
+    if fault:
+        warn_once(f"the fused Triton kernel fails its check on {device} ({fault}): running --moe-impl batched")
         return "batched"
     return "triton"
 
@@ -1529,16 +1529,18 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
     return state
 
 
-def reference_images(cfg: Config, resolution: int):
+def reference_images(cfg: Config, resolution: int, train=None):
     """The reference autoencoder's images (spec 4.2), as (data set, its size before --shots): TinyImageNet's
-    training images (the authors'), or in the synthetic world the tiny CLIP's pretraining classes, which stand
-    for what CLIP already knows. With --shots, the first `shots` of each class as for the tasks."""
+    training images (the authors'; `train`, when the benchmark is TinyImageNet and has read them already), or in
+    the synthetic world the tiny CLIP's pretraining classes, which stand for what CLIP already knows. With
+    --shots, the first `shots` of each class as for the tasks."""
     if cfg.dataset.startswith("synthetic"):
         labels = torch.arange(len(SYNTHETIC_PRETRAIN_CLASSES)).repeat_interleave(SYN_TRAIN_PER_CLASS)
         images = render_shapes(torch.tensor(SYNTHETIC_PRETRAIN_CLASSES)[labels], torch.Generator().manual_seed(99))
         ds, labels = torch.utils.data.TensorDataset(images, labels), labels.numpy()
     else:  # Relabeled: its unreadable files are named as the tasks' are
-        ds = Relabeled(tiny_imagenet(cfg, "train", transforms(resolution)[0]), np.arange(200))
+        ds = train if train is not None else Relabeled(tiny_imagenet(cfg, "train", transforms(resolution)[0]),
+                                                       np.arange(200))
         labels = np.asarray(ds.ds.targets)
     return (torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds), len(ds)
 
@@ -1551,7 +1553,8 @@ def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
     if cfg.clean_names:  # quirk Q3 fixed on request: "maple_tree" -> "maple tree"
         bench.class_names = [n.replace("_", " ") for n in bench.class_names]
     if cfg.ddas and cfg.ddas_reference:
-        bench.reference, bench.reference_full = reference_images(cfg, resolution)
+        bench.reference, bench.reference_full = reference_images(
+            cfg, resolution, bench.train if cfg.dataset == "tinyimagenet" else None)
     return bench
 
 

@@ -1848,12 +1848,26 @@ def test_ddas_reference_autoencoder_sends_what_it_wins_to_clip():
 
 
 def test_ddas_reference_trains_on_tinyimagenet_or_the_pretraining_classes(fake_mtil, small_synthetic, tmp_path,
-                                                                          clip_cache):
+                                                                          clip_cache, monkeypatch):
     root, _ = fake_mtil
     cfg = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, ddas_reference=True))
     assert M.datasets_needed(cfg)[-1] == "TinyImageNet" and M.missing_data(cfg) == []
     images, full = M.reference_images(cfg, 32)
     assert full == len(images) == 200 and images[0][0].shape == (3, 32, 32)
+    # TinyImageNet's own benchmark: the reference takes its training images, read (listed and checked) once
+    reads, folder = [], M.TinyImageNetFolder.__init__
+    tiny = M.resolve_config(dict(dataset="tinyimagenet", tasks=5, preset="full", ddas_reference=True, data_root=root,
+                                 clip_model="tiny", clip_weights="random"))
+    with monkeypatch.context() as mp:
+        mp.setattr(M.TinyImageNetFolder, "__init__", lambda self, base, split, tf: reads.append(split) or
+                   folder(self, base, split, tf))
+        bench = M.load_benchmark(tiny, 32)
+    assert sorted(reads) == ["train", "val"] and bench.reference_full == len(bench.reference) == 200
+    for i in (0, 57, 199):  # the same images (the train transform's random crop drawn alike)
+        torch.manual_seed(i)
+        ref = bench.reference[i][0]
+        torch.manual_seed(i)
+        assert torch.equal(ref, bench.train[i][0])
     few = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, ddas_reference=True, shots=5))
     images, full = M.reference_images(few, 32)
     assert full == 200 and len(images) == 200  # the fake has one image per class: all of them are among the 5
