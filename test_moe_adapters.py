@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 # The fused Triton kernel's tests run on Triton's CPU interpreter; it must be chosen before triton is imported
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the GPU checks below run in processes that set it to 0
+if "--bench" not in sys.argv:  # the speed mode (at the end of this file) times the compiled kernel on a GPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the GPU checks below run in processes that set it to 0
 import moe_adapters as M  # noqa: E402  (first of ours: it silences clip's pkg_resources warning)
 import clip.model  # noqa: E402
 
@@ -815,15 +816,22 @@ def test_demo_prints_table_matching_each_methods_metrics(demo_run):
             mtil = table
     demo_txt = (out / "demo.txt").read_text()
     assert demo_txt.strip() in proc.stdout
-    (width, height), size = png_size(out / "demo.png")
-    assert width >= 600 and height >= 300 and size > 10000
     assert not (cwd / "runs").exists()  # everything went under --output-dir
+    # a short screen: a line per run (each trained method 3 seeds, zeroshot once), none per task
+    run_lines = [ln for ln in proc.stderr.splitlines() if re.match(r"synthetic(-mtil)? \| .* \| seed \d: ", ln)]
+    assert len(run_lines) == 2 * (1 + 3 * 3) - 3 and not [ln for ln in proc.stderr.splitlines() if "] task " in ln]
+    assert proc.stderr.rstrip().endswith(f"everything is in {out}: demo.txt, and a folder per run")
     # what holds beyond the spread over the seeds: training beats the untouched CLIP on Avg, and with DDAS the
     # multi-domain run forgets less than sequential fine-tuning and keeps more of CLIP's zero-shot Transfer
     beyond = lambda a, b: a[0] - a[1] > b[0] + b[1]
     assert beyond(cil["moe-adapters"]["avg"], cil["zeroshot"]["avg"]), cil
     assert beyond(mtil["finetune"]["forgetting"], mtil["moe-adapters"]["forgetting"]), mtil
     assert beyond(mtil["moe-adapters"]["transfer"], mtil["finetune"]["transfer"]), mtil
+    # the paper's pattern: MoE-Adapters keeps zero-shot CLIP's Transfer (within 1.5 points) and ends well above
+    # sequential fine-tuning (Last at least 5 points higher, beyond the spread)
+    assert mtil["moe-adapters"]["transfer"][0] >= mtil["zeroshot"]["transfer"][0] - 1.5, mtil
+    assert mtil["moe-adapters"]["last"][0] - mtil["finetune"]["last"][0] >= 5, mtil
+    assert beyond(mtil["moe-adapters"]["last"], mtil["finetune"]["last"]), mtil
 
 
 def test_demo_stderr_is_clean(demo_run):
@@ -2045,7 +2053,7 @@ def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     for model in (batched, fused):  # one training step's gradients (router noise drawn identically)
         model.train()
         torch.manual_seed(7)
-        logits = M.TaskLogits(model)(images, tokens, 1)
+        logits = M.task_logits(model, images, tokens, 1)
         F.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 4, 0])).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4 * 6  # 4 blocks x (4 expert + 2 router tensors)
@@ -2054,9 +2062,20 @@ def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     assert any(float(g.abs().max()) > 0 for n, g in grads[1].items() if "w_gate" in n)  # the routers learn
 
 
-def test_moe_impl_auto_is_batched_on_the_cpu_and_triton_needs_cuda(tmp_path):
+def test_moe_impl_auto_is_batched_on_the_cpu_and_triton_needs_cuda(tmp_path, monkeypatch):
     assert M.resolve_impl(tiny_cfg()) == "batched"
     assert M.resolve_impl(tiny_cfg(moe_impl="loop")) == "loop"
+    # auto on a CUDA GPU: the kernel from compute capability 7.0 on, when triton imports and k * r fits it
+    monkeypatch.setattr(M, "resolve_device", lambda cfg: torch.device("cuda"))
+    real = M.triton or types.SimpleNamespace()  # resolve_impl asks only whether triton imported
+    for capability, has_triton, top_k, expected in (((9, 0), True, 2, "triton"), ((7, 0), True, 2, "triton"),
+                                                   ((6, 1), True, 2, "batched"), ((8, 0), False, 2, "batched"),
+                                                   ((8, 0), True, 4, "batched")):  # 4 x 128 hidden units: too many
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        monkeypatch.setattr(M, "triton", real if has_triton else None)
+        cfg = dataclasses.replace(tiny_cfg(), top_k=top_k, bottleneck=128 if top_k == 4 else 64)
+        assert M.resolve_impl(cfg) == expected, (capability, has_triton, top_k)
+    monkeypatch.undo()
     with pytest.raises(M.UsageError, match="at most 256 hidden units"):  # 4 x 128: tiles too large for the kernel
         tiny_cfg(moe_impl="triton", preset="full", top_k=4, bottleneck=128)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -2067,136 +2086,8 @@ def test_moe_impl_auto_is_batched_on_the_cpu_and_triton_needs_cuda(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# 15. Data-parallel training: 2 CPU processes (torchrun, gloo) against 1
+# 16. The fused kernel for real GPUs, and the checks that need one
 # ------------------------------------------------------------------------------------------------
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
-DDP_ARGS = ["--dataset", "synthetic", "--tasks", "2", "--epochs", "2", "--workers", "0"]
-
-
-def cli_run(launcher: list, argv: list, out, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the 1-process runs get the same thread count as each rank
-    proc = subprocess.run(launcher + argv + ["--output-dir", str(out)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return proc
-
-
-def one_process_run(argv: list, out) -> None:
-    """The 1-process reference, in this process, with the thread count of each rank (one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        M.main(argv + ["--output-dir", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def accuracy_matrix(out) -> np.ndarray:
-    return np.loadtxt(os.path.join(out, "accuracy_matrix.csv"), delimiter=",", skiprows=1)[:, 1:]
-
-
-def test_two_processes_equal_one_process_when_training_draws_no_random_numbers(tmp_path):
-    """Fine-tuning without dropout has no randomness but the data order, which both share (one seeded
-    permutation, each rank taking its half of every global batch), and DDP averages the two half-batch
-    gradients into the full-batch one: the accuracy matrices agree up to float summation order."""
-    argv = DDP_ARGS + ["--method", "finetune", "--adapter-dropout", "0", "--clip-weights", "random"]
-    one_process_run(argv, tmp_path / "one")
-    cli_run(TORCHRUN, argv, tmp_path / "two")
-    one, two = accuracy_matrix(tmp_path / "one"), accuracy_matrix(tmp_path / "two")
-    assert one.shape == two.shape == (2, 2)
-    assert np.abs(one - two).max() <= 0.25, (one, two)  # 0.25 points = 2 of the 800 test images of a task
-
-
-@pytest.fixture(scope="module")
-def two_process_full_run(clip_cache, tmp_path_factory):
-    """The full method (22 experts, per-task routers, activate-freeze, DDAS) with the pretrained tiny
-    CLIP, in 1 process and in 2."""
-    base = tmp_path_factory.mktemp("ddp")
-    argv = DDP_ARGS + ["--preset", "full", "--clip-cache", clip_cache]
-    one_process_run(argv, base / "one")
-    two = cli_run(TORCHRUN, argv, base / "two")
-    return argv, base, two
-
-
-def test_two_processes_match_one_process_with_the_full_method(two_process_full_run):
-    """Router noise and dropout are drawn per rank (a stream of its own), so the runs differ like two
-    seeds. Measured here: seeds 0-2 of one process span 3.2 points of Last and 1.6 of Avg; with the same
-    seed, 2 processes land 1.7 / 1.3 / 0.1 points of Last and 0.4 / 1.0 / 0.5 of Avg from one process.
-    Tolerance: 4 points of Last, 3 of Avg."""
-    argv, base, two = two_process_full_run
-    one_rows, two_rows = read_jsonl(base / "one" / "metrics.jsonl"), read_jsonl(base / "two" / "metrics.jsonl")
-    assert len(one_rows) == len(two_rows) == 3
-    for key, tolerance in (("last", 4.0), ("avg", 3.0)):
-        assert abs(one_rows[-1][key] - two_rows[-1][key]) <= tolerance, (key, one_rows[-1], two_rows[-1])
-    assert abs(one_rows[-1]["last"] - 100 / 16) > 15  # both learned something (chance is 6.25%)
-    # rank 0 alone wrote and printed
-    assert sum("task 2/2" in ln for ln in two.stderr.splitlines()) == 1, two.stderr
-    assert sorted(os.listdir(base / "two")) == ["accuracy_curve.png", "accuracy_matrix.csv", "accuracy_matrix.png",
-                                                "checkpoint.pt", "config.json", "metrics.jsonl"]
-    ckpt = torch.load(base / "two" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["ddas"]["trained"].tolist() == [True, True]
-    frozen = [v for k, v in ckpt["trainable"].items() if k.endswith("moe.frozen")]
-    assert len(frozen) == 4 and all(2 <= int(f.sum()) <= 4 for f in frozen)  # 2 per task, summed over ranks
-    for j in range(2):  # the sharded evaluation counted every test image once
-        assert sum(two_rows[1]["routes"]["destinations"][j]) == 16 * M.SYN_TEST_PER_CLASS
-        assert sum(one_rows[1]["routes"]["destinations"][j]) == 16 * M.SYN_TEST_PER_CLASS
-
-
-def test_two_process_run_resumes_after_a_kill_to_the_same_result(two_process_full_run, tmp_path):
-    import signal
-    import time
-    argv, base, _ = two_process_full_run
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(TORCHRUN + argv + ["--output-dir", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 240
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # SIGTERM to torchrun, as a scheduler would: it stops its workers (each in a session of its own, which a
-    # SIGKILL of torchrun's process group would leave running) and waits for them
-    os.kill(proc.pid, signal.SIGTERM)  # in the middle of task 2
-    assert proc.wait(timeout=60) != 0
-    time.sleep(1)
-    assert len(read_jsonl(out / "metrics.jsonl")) == 1, "the stop came too late: task 2 had already finished"
-    cli_run(TORCHRUN, argv + ["--resume"], out)
-    assert open(out / "accuracy_matrix.csv").read() == open(base / "two" / "accuracy_matrix.csv").read()
-    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(base / "two" / "metrics.jsonl")
-
-
-# ------------------------------------------------------------------------------------------------
-# 16. The speed mode
-# ------------------------------------------------------------------------------------------------
-
-def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "bench"
-    argv = ["--bench", "--clip-model", "tiny", "--clip-weights", "random", "--dataset", "synthetic", "--batch-size",
-            "4", "--device", "cpu", "--output-dir", str(out)]
-    modes, gate = set(), M.MoEAdapter.gate  # the forward is timed in evaluation mode, the step in training mode
-    monkeypatch.setattr(M.MoEAdapter, "gate", lambda self, *a: modes.add((torch.is_grad_enabled(), self.training))
-                        or gate(self, *a))
-    M.main(argv)
-    proc = types.SimpleNamespace(stdout=capsys.readouterr().out)
-    assert modes == {(False, False), (True, True)}, modes
-    b = json.loads((out / "bench.json").read_text())
-    ms = b["ms"]
-    expected = {"frozen_forward", "adapted_forward_loop", "adapted_forward_batched", "train_step_22_experts",
-                "train_step_2_experts", "mixture_22_experts_loop", "mixture_22_experts_batched"}  # what the targets need
-    assert set(ms) == expected, set(ms) ^ expected  # no triton entries without CUDA
-    assert all(v > 0 for v in ms.values())
-    assert b["moe_impl_auto"] == "batched" and b["mixture_speedup_triton_vs_loop_22"] is None
-    assert b["forward_ratio_adapted_vs_frozen"] == pytest.approx(ms["adapted_forward_batched"] / ms["frozen_forward"])
-    assert b["step_ratio_22_vs_2_experts"] == pytest.approx(ms["train_step_22_experts"] / ms["train_step_2_experts"])
-    assert b["mixture_speedup_batched_vs_loop_22"] == pytest.approx(
-        ms["mixture_22_experts_loop"] / ms["mixture_22_experts_batched"])
-    assert b["targets_met"]["mixture_speedup_triton_vs_loop_22"] is None
-    assert b["targets_met"]["step_ratio_22_vs_2_experts"] == (b["step_ratio_22_vs_2_experts"] <= 1.10)
-    for key in ("forward_ratio_adapted_vs_frozen", "step_ratio_22_vs_2_experts", "mixture_speedup_batched_vs_loop_22"):
-        assert key in proc.stdout and f"{b[key]:.2f}" in proc.stdout  # the printed table has the same numbers
-    again = subprocess.run([sys.executable, SCRIPT] + argv, capture_output=True, text=True, timeout=300)  # kept
-    assert again.returncode == 2 and "already holds a run (bench.json)" in again.stderr
-
 
 GPU_COMPILE = r"""
 import json, os, sys
@@ -2237,53 +2128,9 @@ def test_fused_kernel_compiles_for_real_gpus_within_their_shared_memory(tmp_path
     assert len(shared) == 6 and all(0 < v <= 65536 for v in shared.values()), shared
 
 
-def test_two_processes_refuse_a_batch_they_cannot_split_in_one_line(tmp_path):
-    proc = subprocess.run(TORCHRUN + DDP_ARGS + ["--batch-size", "63", "--clip-weights", "random", "--output-dir",
-                                                 str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and not (tmp_path / "out").exists()
-    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("moe_adapters.py: error:")]
-    assert ours == ["moe_adapters.py: error: --batch-size 63 is the global batch and must divide evenly among 2 "
-                    "processes: use a multiple of 2"]  # printed once, by rank 0 (torchrun adds its own summary)
-
-
 # ------------------------------------------------------------------------------------------------
 # 17. The fused kernel's safety net, and the checks that need a CUDA GPU
 # ------------------------------------------------------------------------------------------------
-
-def test_auto_runs_batched_when_the_kernel_fails_its_check_and_says_so_once(monkeypatch, small_synthetic, tmp_path,
-                                                                            capsys):
-    """As if on a GPU the kernel supports (kernel_gpu patched), a kernel that raises, then one that computes wrong
-    numbers: `auto` warns once, runs `batched` and ends with a batched run's metrics; explicit triton: exit 2."""
-    argv = SMALL_RUN_ARGS + ["--no-ddas", "--eval-all-tasks"]
-    reference = M.main(argv + ["--moe-impl", "batched", "--output-dir", str(tmp_path / "batched")])
-    monkeypatch.setattr(M, "kernel_gpu", lambda device: True)
-    real = M.mixture_triton
-
-    def raising(*args, **kwargs):
-        raise RuntimeError("PTX JIT compilation failed")
-
-    for name, broken in (("raises", raising), ("wrong", lambda *a, **k: 1.5 * real(*a, **k))):
-        M.kernel_fault.cache_clear()
-        M.warn_once.cache_clear()
-        monkeypatch.setattr(M, "mixture_triton", broken)
-        capsys.readouterr()
-        summary = M.main(argv + ["--output-dir", str(tmp_path / name)])
-        err = capsys.readouterr().err
-        assert err.count("warning: the fused Triton kernel fails its check") == 1, err
-        assert ("PTX JIT compilation failed" in err) == (name == "raises"), err
-        assert summary["accuracy_matrix"] == reference["accuracy_matrix"], name
-        assert json.loads((tmp_path / name / "config.json").read_text())["moe_impl_used"] == "batched"
-        assert {r.get("moe_impl") for r in read_jsonl(tmp_path / name / "metrics.jsonl")[:-1]} == {"batched"}
-        assert_usage_error(capsys, argv + ["--moe-impl", "triton", "--output-dir", str(tmp_path / "t")],
-                           "--moe-impl triton fails its check against batched", "--moe-impl batched")
-    monkeypatch.setattr(M, "mixture_triton", real)
-    M.kernel_fault.cache_clear()
-    if M.triton is not None:  # the real kernel (here on Triton's interpreter) passes, and auto would pick it
-        assert M.kernel_fault("cpu", torch.float32, 2, 64) is None and M.kernel_fault("cpu", torch.bfloat16, 2, 64) \
-            is None
-        assert M.resolve_impl(tiny_cfg(preset="full")) == "triton"
-    M.kernel_fault.cache_clear()
-
 
 # -- checks that need a CUDA GPU (skipped here). They run in a fresh process with TRITON_INTERPRET=0, so the
 # kernel is compiled for the GPU rather than interpreted: python -m pytest -q test_moe_adapters.py -k gpu
@@ -2334,7 +2181,7 @@ def gpu_model_training_step():
         torch.manual_seed(0)
         for a in M.adapters(model):
             a.p = 0.0  # no dropout: both see the same numbers
-        logits = M.TaskLogits(model)(images, tokens, 0)
+        logits = M.task_logits(model, images, tokens, 0)
         F.cross_entropy(logits, y).backward()
         grads[impl] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     for a, b in zip(grads["batched"], grads["triton"]):
@@ -2367,16 +2214,6 @@ def test_gpu_kernel(call):
 @needs_cuda
 def test_gpu_synthetic_run_with_the_kernel_matches_batched(tmp_path):
     assert "synthetic run on CUDA" in on_gpu(f"gpu_synthetic_run({str(tmp_path)!r})")
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL, and fewer are visible")
-def test_gpu_two_processes_with_nccl_match_one_process(tmp_path):
-    argv = DDP_ARGS + ["--preset", "full", "--clip-weights", "random", "--device", "cuda"]
-    cli_run([sys.executable, SCRIPT], argv, tmp_path / "one")
-    cli_run(TORCHRUN, argv, tmp_path / "two")
-    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    for key, tolerance in (("last", 4.0), ("avg", 3.0)):  # as the gloo test: the ranks draw their own noise
-        assert abs(one[-1][key] - two[-1][key]) <= tolerance, (key, one[-1], two[-1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2505,35 +2342,23 @@ def test_overwrite_interrupted_in_its_first_task_keeps_the_old_run(small_run, sm
     assert file_bytes(run_dir) == before  # config.json too: the new run had saved nothing yet
     summary = M.main(SMALL_RUN_ARGS + ["--output-dir", run_dir, "--overwrite", "--lr", "0.02"])
     assert json.loads(open(os.path.join(run_dir, "config.json")).read())["lr"] == 0.02
-    assert summary["accuracy_matrix"] != small_run[1]["accuracy_matrix"] and ".lock" not in os.listdir(run_dir)
+    assert summary["accuracy_matrix"] != small_run[1]["accuracy_matrix"]
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, clip_cache, capsys):
-    """The first run is a process of its own; the second, here in-process, starts while the first holds the lock."""
+def test_a_new_run_marks_its_folder_at_once_so_a_second_run_there_is_refused(small_synthetic, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A run stopped in its first task (as one still in progress): its folder holds config.json and no checkpoint.
+    Another run there is refused (no --resume to offer), --resume finds nothing to resume, --overwrite starts over."""
     out = tmp_path / "run"
-    argv = ["--dataset", "synthetic", "--clip-cache", clip_cache, "--output-dir", str(out)]
-    first = subprocess.Popen([sys.executable, SCRIPT] + argv + ["--epochs", "1"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / ".lock").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as second:
-        M.main(argv + ["--overwrite"])
-    err = capsys.readouterr().err
-    assert first.poll() is None, "the first run ended before the second was tried"
-    assert first.wait(timeout=300) == 0
-    assert second.value.code == 2 and "Traceback" not in err
-    assert err.splitlines() == [f"moe_adapters.py: error: {out} is in use by process {first.pid}@"
-                                f"{os.uname().nodename}: wait for it to end, or choose another --output-dir"]
-    assert not (out / ".lock").exists() and json.loads((out / "config.json").read_text())["epochs"] == 1
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    (stale / ".lock").write_text(f"{dead.pid} {os.uname().nodename}\n")  # left by a killed run
-    summary = M.main(FAST + ["--output-dir", str(stale)])
-    assert len(summary["accuracy_matrix"]) == 4 and not (stale / ".lock").exists()
+    run_interrupted_at_task(monkeypatch, FAST + ["--output-dir", str(out)], 0)
+    assert sorted(os.listdir(out)) == ["config.json"]
+    line = assert_usage_error(capsys, FAST + ["--output-dir", str(out)])
+    assert line == (f"moe_adapters.py: error: {out} already holds a run (config.json): --overwrite to replace it, "
+                    f"or choose another --output-dir")
+    assert_usage_error(capsys, ["--resume", "--output-dir", str(out)], f"--resume: no checkpoint.pt in {out}")
+    assert sorted(os.listdir(out)) == ["config.json"]
+    summary = M.main(FAST + ["--output-dir", str(out), "--overwrite"])
+    assert len(summary["accuracy_matrix"]) == 4 and len(read_jsonl(out / "metrics.jsonl")) == 5
 
 
 def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, small_run):
@@ -2551,18 +2376,18 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, 
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"moe_adapters.py: interrupted during task [234] of 4; resume with: python moe_adapters.py "
                         rf"--resume --output-dir {re.escape(str(out))}", last), last
-    assert not (out / ".lock").exists()
     M.main(["--resume", "--output-dir", str(out), "--clip-cache", clip_cache])  # in-process: raises if it fails
-    assert len(read_jsonl(out / "metrics.jsonl")) == 5 and not (out / ".lock").exists()
+    assert len(read_jsonl(out / "metrics.jsonl")) == 5
 
 
 def test_output_folders_that_cannot_be_written_are_refused_before_any_work(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "load_clip", lambda *a, **k: pytest.fail("the model was loaded"))
     regular = tmp_path / "file"
     regular.write_text("x")
-    for out, fragment in (("/proc/moe-adapters-runs/a", "is not writable"), (str(regular / "run"), "which is a file"),
-                          (str(tmp_path / ("n" * 300)), "longer than file systems allow")):
-        assert_usage_error(capsys, FAST + ["--output-dir", out], fragment, "choose another --output-dir")
+    for out, reason in (("/proc/moe-adapters-runs/a", "No such file or directory"), (str(regular / "run"),
+                        "Not a directory"), (str(tmp_path / ("n" * 300)), "File name too long")):
+        assert_usage_error(capsys, FAST + ["--output-dir", out], f"--output-dir {out} cannot be written ({reason}",
+                           "choose another --output-dir")
     assert sorted(os.listdir(tmp_path)) == ["file"]
     home = M.resolve_config(dict(dataset="synthetic", output_dir="~/runs/a", data_root="~/data"))
     assert (home.output_dir, home.data_root) == (os.path.expanduser("~/runs/a"), os.path.expanduser("~/data"))
@@ -2585,7 +2410,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(capsys, tmp_path,
                  "checkpoint.pt keeps its previous version", "--resume")
     monkeypatch.setattr(torch, "save", real_save)
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["next_task"] == 1 and not list(out.glob("*.tmp")) and not (out / ".lock").exists()
+    assert ckpt["next_task"] == 1 and not list(out.glob("*.tmp"))
 
 
 def test_bad_values_found_late_today_are_refused_up_front_in_one_line(capsys, tmp_path, small_synthetic):
@@ -2606,7 +2431,7 @@ def test_a_non_finite_loss_stops_the_run_in_one_line(capsys, tmp_path, small_syn
     line = assert_stops(capsys, FAST + ["--lr", "1e30", "--output-dir", str(out)], "the training loss became",
                         "of task 1 (lr ", "lower --lr")
     assert re.search(r"became (nan|inf) at step \d+ of task 1", line), line
-    assert not (out / "checkpoint.pt").exists() and not (out / ".lock").exists()
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_resume_takes_the_checkpoints_settings_and_a_finished_run_says_so(small_run, small_synthetic, tmp_path,
@@ -2642,18 +2467,15 @@ def test_a_run_says_where_it_writes_what_it_runs_and_how_it_ended(small_syntheti
         f"[synthetic-mtil | moe-adapters] task 4/4: {table}"]  # the same Avg as the summary and the demo table
 
 
-def test_progress_lines_where_stderr_is_no_terminal(monkeypatch, capsys):
-    clock = iter(range(0, 10_000, 2))  # every step takes 2 s
-    monkeypatch.setattr(M.time, "time", lambda: next(clock))
+def test_progress_bars_redraw_at_most_every_30_s_where_stderr_is_no_terminal(monkeypatch):
+    bar = M.progress(range(40), "task 1/4")  # pytest's capture is no terminal
+    assert bar.mininterval == 30 and not bar.leave and list(bar) == list(range(40))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = M.progress(range(40), "task 1/4")
-    assert isinstance(bar, M.LogProgress)  # pytest's capture is no terminal
-    for i in bar:
-        bar.set_postfix(loss="0.500")
-    lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "task 1/4: 4/40 after 8 s  loss 0.500" and len(lines) == 10  # every 10% once 5 s have passed
+    assert bar.mininterval < 1 and list(bar) == list(range(40))
 
 
-def test_help_groups_the_flags_shows_the_real_values_and_the_commands():
+def test_help_groups_the_flags_shows_their_defaults_and_the_commands(capsys):
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     out = proc.stdout
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
@@ -2661,10 +2483,16 @@ def test_help_groups_the_flags_shows_the_real_values_and_the_commands():
                   "data:", "optimisation (spec 5.1):", "run:"):
         assert "\n" + group + "\n" in out, group
     flat = " ".join(out.split())
-    assert "[cifar100: 2; --preset full: 22; mtil: 22; synthetic: 2]" in flat  # --experts
+    assert "--experts EXPERTS experts per block and tower [default 22]" in flat
+    assert "--no-freeze activate-freeze: after each task freeze each block's most-used experts [default True]" in flat
     assert "mtil,synthetic,synthetic-mtil}" in flat and "{tiny,ViT-B/32,ViT-B/16" in flat
     assert "--demo" in flat and out.rstrip().endswith("python -m pytest -q test_moe_adapters.py                 "
-                                                       "# the tests, ~7.5 min on 2 CPU cores")
+                                                       "# the tests, ~4 min on 2 CPU cores")
+    assert "--dry-run prints the values a command runs with" in flat
+    capsys.readouterr()  # the values of a preset: the dry run shows them
+    M.main(["--dry-run", "--dataset", "cifar100", "--clip-weights", "random"])
+    settings = [ln for ln in capsys.readouterr().out.splitlines() if "settings" in ln]
+    assert len(settings) == 1 and "experts=2" in settings[0] and "routers='shared'" in settings[0], settings
 
 
 def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsys, fake_mtil):
@@ -2674,9 +2502,9 @@ def test_missing_or_unreadable_image_files_are_named_in_one_line(tmp_path, capsy
     gone.unlink()
     argv = ["--dataset", "tinyimagenet", "--tasks", "5", "--data-root", str(root), "--output-dir",
             str(tmp_path / "o"), "--batch-size", "50", "--workers", "0"] + TINY
-    assert_usage_error(capsys, argv, "1 of its listed image files are missing (the first: " + str(gone))
+    assert_stops(capsys, argv, f"{gone} is not a readable image (FileNotFoundError", "replace or delete it")
     gone.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # there, but unreadable
-    assert_stops(capsys, argv, f"{gone} is not a readable image", "replace or delete it")
+    assert_stops(capsys, argv + ["--overwrite"], f"{gone} is not a readable image", "replace or delete it")
 
 
 def test_a_read_only_clip_cache_only_warns(capsys):
@@ -2686,3 +2514,140 @@ def test_a_read_only_clip_cache_only_warns(capsys):
     err = capsys.readouterr().err
     assert "cannot cache the tiny CLIP in /proc/moe-adapters-cache" in err and "going on with the weights" in err
     assert "Traceback" not in err and set(state) == set(clip.model.CLIP(*M.ARCHS["tiny"]).state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# The speed mode: python test_moe_adapters.py --bench [the script's flags]. Medians on one device with random
+# weights and inputs, interleaved; printed, and written to <--output-dir>/bench.json with the targets.
+# ------------------------------------------------------------------------------------------------
+
+BENCH_TARGETS = {  # key: (bound, "max" or "min")
+    "forward_ratio_adapted_vs_frozen": (1.05, "max"), "step_ratio_22_vs_2_experts": (1.10, "max"),
+    "mixture_speedup_batched_vs_loop_22": (1.5, "min"), "mixture_speedup_triton_vs_loop_22": (2.0, "min"),
+    "mixture_speedup_triton_vs_batched_22": (1.0, "min")}
+
+
+def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
+    """Median milliseconds of each fn, called in turn round after round (the first round warms up), so that
+    drift in the machine's speed hits every candidate of a ratio alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(1000 * (time.perf_counter() - start))
+    return {k: float(np.median(v[1:])) for k, v in times.items()}
+
+
+def bench(argv: list) -> dict:
+    """The frozen forward of images and one task's 10 class prompts against the adapted one (22 experts) per
+    --moe-impl, a training step at 22 against 2 experts, and the mixture alone (22 experts) per implementation."""
+    cfg = M.resolve_config(vars(M.build_parser().parse_args(argv)))
+    out = cfg.output_dir or os.path.join("runs", "bench-" + time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(out, "bench.json")) and not cfg.overwrite:
+        raise M.UsageError(f"{out} already holds a run (bench.json): --overwrite to replace it, or choose another "
+                           f"--output-dir")
+    M.seed_everything(cfg.seed)
+    device = M.resolve_device(cfg)
+    cfg = dataclasses.replace(cfg, routers="per-task")
+    impls = ["loop", "batched"] + (["triton"] if M.triton is not None and device.type == "cuda" else [])
+    auto = M.resolve_impl(dataclasses.replace(cfg, moe_impl="auto"))
+    model = M.add_moe_adapters(M.load_clip(cfg), cfg).to(device)
+    B, C, gen = cfg.batch_size, 10, torch.Generator().manual_seed(cfg.seed)  # C: the classes of a CIFAR-100 task
+    images = torch.randn(B, 3, model.visual.input_resolution, model.visual.input_resolution, generator=gen).to(device)
+    tokens = M.tokenize([cfg.prompt.format(f"class number {i}") for i in range(C)], device)
+    y = torch.randint(C, (B,), generator=gen).to(device)
+    print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
+          f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto})", file=sys.stderr)
+    blocks = [m for m in model.modules() if isinstance(m, M.MoEBlock)]
+    sets = {e: [M.new_adapter(cfg, b.ln_1.weight.shape[0], auto, e).to(device) for b in blocks] for e in (22, 2)}
+    for moe in sets[22] + sets[2]:  # two adapter sets, swapped into the blocks in turn
+        torch.nn.init.normal_(moe.w_up, std=0.02)  # non-zero up-projections
+        moe.begin_task(0)
+    opts = {e: torch.optim.AdamW([p for moe in s for p in moe.parameters()], lr=cfg.lr) for e, s in sets.items()}
+
+    def use(experts, impl, training):  # put one adapter set into the blocks, in evaluation or training mode
+        for b, moe in zip(blocks, sets[experts]):
+            b.moe, moe.impl = moe, impl
+            moe.train(training)
+
+    def forward(impl):  # impl None: every route None, so the blocks run exactly CLIP's frozen code
+        use(22, impl or auto, False)
+        with torch.no_grad(), M.autocast_for(cfg, device):
+            M.encode_images(model, images, None if impl is None else torch.zeros(B, dtype=torch.long, device=device))
+            M.encode_texts(model, tokens, None if impl is None else torch.zeros(C, dtype=torch.long, device=device))
+
+    def step(experts):
+        use(experts, auto, True)
+        M.train_step(model, opts[experts], cfg, images, y, tokens, 0)
+
+    model.eval()
+    ms = interleaved({"frozen_forward": lambda: forward(None)} | {
+        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device)
+    model.train()
+    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in sets}, device)
+    d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
+    x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
+    w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
+    weights = (0.02 * torch.randn(22, d, h), torch.zeros(22, h), 0.02 * torch.randn(22, h, d), torch.zeros(22, d))
+    args = [t.to(device) for t in (x, idx, w, *weights)] + [cfg.adapter_scale, 0.0]
+    with torch.no_grad():  # the mixture alone, image-tower shapes
+        ms |= interleaved({f"mixture_22_experts_{impl}": (lambda impl=impl: M.MIXTURES[impl](*args))
+                           for impl in impls}, device)
+    ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
+              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms,
+              "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
+              "step_ratio_22_vs_2_experts": ratio("train_step_22_experts", "train_step_2_experts")} | {
+        f"mixture_speedup_{a}_vs_{b}_22": ratio(f"mixture_22_experts_{b}", f"mixture_22_experts_{a}")
+        for a, b in (("batched", "loop"), ("triton", "loop"), ("triton", "batched"))}
+    result["targets_met"] = {k: None if result[k] is None else (result[k] <= v if how == "max" else result[k] >= v)
+                             for k, (v, how) in BENCH_TARGETS.items()}
+    lines = [f"{'what (' + result['device'] + ', batch ' + str(B) + ')':<44}{'ms':>10}"]
+    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()] + [
+        f"{k:<44}{'n/a (no CUDA)' if result[k] is None else format(result[k], '.2f'):>10}   target "
+        f"{'<=' if how == 'max' else '>='} {v}" for k, (v, how) in BENCH_TARGETS.items()]
+    print("\n".join(lines))
+    os.makedirs(out, exist_ok=True)
+    M.atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    argv = ["--clip-model", "tiny", "--clip-weights", "random", "--dataset", "synthetic", "--batch-size", "4",
+            "--device", "cpu", "--output-dir", str(out)]
+    modes, gate = set(), M.MoEAdapter.gate  # the forward is timed in evaluation mode, the step in training mode
+    monkeypatch.setattr(M.MoEAdapter, "gate", lambda self, *a: modes.add((torch.is_grad_enabled(), self.training))
+                        or gate(self, *a))
+    bench(argv)
+    stdout = capsys.readouterr().out
+    assert modes == {(False, False), (True, True)}, modes
+    b = json.loads((out / "bench.json").read_text())
+    ms = b["ms"]
+    expected = {"frozen_forward", "adapted_forward_loop", "adapted_forward_batched", "train_step_22_experts",
+                "train_step_2_experts", "mixture_22_experts_loop", "mixture_22_experts_batched"}  # what the targets need
+    assert set(ms) == expected, set(ms) ^ expected  # no triton entries without CUDA
+    assert all(v > 0 for v in ms.values())
+    assert b["moe_impl_auto"] == "batched" and b["mixture_speedup_triton_vs_loop_22"] is None
+    assert b["forward_ratio_adapted_vs_frozen"] == pytest.approx(ms["adapted_forward_batched"] / ms["frozen_forward"])
+    assert b["step_ratio_22_vs_2_experts"] == pytest.approx(ms["train_step_22_experts"] / ms["train_step_2_experts"])
+    assert b["mixture_speedup_batched_vs_loop_22"] == pytest.approx(
+        ms["mixture_22_experts_loop"] / ms["mixture_22_experts_batched"])
+    assert b["targets_met"]["mixture_speedup_triton_vs_loop_22"] is None
+    assert b["targets_met"]["step_ratio_22_vs_2_experts"] == (b["step_ratio_22_vs_2_experts"] <= 1.10)
+    for key in ("forward_ratio_adapted_vs_frozen", "step_ratio_22_vs_2_experts", "mixture_speedup_batched_vs_loop_22"):
+        assert key in stdout and f"{b[key]:.2f}" in stdout  # the printed table has the same numbers
+    with pytest.raises(M.UsageError, match="already holds a run \\(bench.json\\)"):  # kept
+        bench(argv)
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    try:
+        bench([a for a in sys.argv[1:] if a != "--bench"])
+    except M.UsageError as e:
+        M.fail(str(e))
