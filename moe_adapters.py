@@ -1,25 +1,21 @@
 """MoE-Adapters: continual learning of CLIP with mixture-of-experts adapters, in one file.
 
-A minimal reference reimplementation of
-    Yu et al., "Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts
-    Adapters", CVPR 2024 (arXiv 2403.11549), official code JiazuoYu/MoE-Adapters4CL.
+A minimal reference reimplementation of Yu et al., "Boosting Continual Learning of Vision-Language Models via
+Mixture-of-Experts Adapters", CVPR 2024 (arXiv 2403.11549), official code JiazuoYu/MoE-Adapters4CL.
 
-A frozen OpenAI CLIP gets E small adapter experts (d -> 64 -> d) beside the MLP of every residual
-block of both towers. A router per task reads the block's token 0 and picks the top-k experts for
-each sample (noisy top-k gating); experts used most by earlier tasks are frozen ("activate-freeze").
-At test time the DDAS task selector, one autoencoder per task, sends each image to the router of the
-task it belongs to, or to the untouched CLIP when it belongs to none.
+A frozen OpenAI CLIP gets E small adapter experts (d -> 64 -> d) beside the MLP of every residual block of both
+towers. A router per task reads the block's token 0 and picks the top-k experts for each sample (noisy top-k
+gating); experts used most by earlier tasks are frozen ("activate-freeze"). At test time the DDAS task selector,
+one autoencoder per task, sends each image to the router of the task it belongs to, or to the untouched CLIP.
 
-Reproduced here: the class-incremental setting (CIFAR-100 in 10/20/50 steps, TinyImageNet 100 + N),
-the authors' CIL configuration (`--preset cil`) and the full method (`--preset full`: 22 experts,
-per-task routers, activate-freeze, DDAS), the zero-shot and sequential fine-tuning baselines, the
-MTIL benchmark (11 data sets, Orders I/II, full and 5-shot) and its metrics, and an offline synthetic
-world with a tiny CLIP so that everything runs on a laptop. The expert mixture runs as a readable
-loop, as batched matrix products, or as one fused Triton kernel on CUDA.
+Reproduced here: the class-incremental setting (CIFAR-100 in 10/20/50 steps, TinyImageNet 100 + N), the authors'
+CIL configuration (`--preset cil`) and the full method (`--preset full`: 22 experts, per-task routers,
+activate-freeze, DDAS), the zero-shot and fine-tuning baselines, the MTIL benchmark (11 data sets, Orders I/II,
+full and 5-shot) and its metrics, and an offline synthetic world with a tiny CLIP that runs on a laptop. The
+mixture runs as a readable loop, as batched matrix products, or as one fused Triton kernel on CUDA.
 
-The file follows the paper first: config, CLIP backbone, experts and routers, the mixture, DDAS,
-training one task, evaluation and metrics. The plumbing comes after: data, checkpoints, the task
-loop, the command line, the demo and --predict, and main.
+The method comes first, in the paper's order: config, CLIP backbone, experts and routers, the mixture, DDAS,
+training one task, evaluation and metrics; then the data, checkpoints, the task loop, the command line and modes.
 
     python moe_adapters.py                                   # offline demo (--demo), ~3 min on 2 CPU cores
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
@@ -38,6 +34,7 @@ import errno
 import functools
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -94,7 +91,6 @@ class Config:
     routers: str = "per-task"          # shared (one router for all tasks) | per-task (task t trains router t)
     adapter_scale: float = 0.1         # fixed output scale s of every expert
     adapter_dropout: float = 0.1       # dropout after the expert's ReLU (training only)
-    balance_coef: float = 0.0          # weight of the load-balancing loss (spec 2.4; the authors' code uses 0)
     moe_impl: str = "auto"             # loop (readable) | batched (no host sync) | triton (fused) | auto (CUDA: triton)
     freeze: bool = True                # activate-freeze: after each task freeze each block's most-used experts
     freeze_top: int = 2                # experts frozen per block and tower after each task (spec 3: 2)
@@ -157,8 +153,8 @@ DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of 
     "cifar100": dict(preset="cil", tasks=10),
     "tinyimagenet": dict(preset="cil", tasks=10),
     "mtil": dict(preset="mtil", tasks=11),
-    "synthetic": dict(preset="cil", tasks=4, clip_model="tiny"),
-    "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny"),  # 4 rendering styles
+    "synthetic": dict(preset="cil", tasks=4, clip_model="tiny", epochs=2, lr=1e-2, ddas_iters=50),
+    "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny", epochs=6, lr=5e-3, ddas_iters=150),  # 4 styles
 }
 PRESETS = {
     "cil": dict(experts=2, top_k=2, routers="shared", freeze=False),
@@ -166,10 +162,10 @@ PRESETS = {
     "mtil": dict(experts=22, top_k=2, routers="per-task", freeze=True, ddas=True, warmup=100, iterations=1000,
                  batch_size=64, eval_batch_size=128, label_smoothing=0.2, dataset_lr=True, seed=42),  # spec 0, 5.2
 }
-# the tiny CLIP on the synthetic world trains on 960 images per task, which one epoch at lr 1e-3 barely moves;
-# 2 epochs at 1e-2 and 50 DDAS steps keep the 3-seed demo within 3 minutes on 2 cores
-SYNTHETIC_SCHEDULE = dict(epochs=2, iterations=0, dataset_lr=False, batch_size=64, warmup=10, lr=1e-2,
-                          eval_batch_size=256, workers=0, ddas_features="clip", ddas_iters=50)
+# the tiny CLIP on the synthetic world trains on 960 images per task, which one epoch at lr 1e-3 barely moves:
+# epochs, lr and DDAS steps of its own per synthetic benchmark (above) keep the 3-seed demo within 3 minutes
+SYNTHETIC_SCHEDULE = dict(iterations=0, dataset_lr=False, batch_size=64, warmup=10, eval_batch_size=256, workers=0,
+                          ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
     "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),  # one adapter per block
     "zeroshot": dict(ddas=False),
@@ -251,18 +247,12 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
         model = clip.model.CLIP(*ARCHS[cfg.clip_model])  # random init, as in clip.model.CLIP.initialize_parameters
         if cfg.clip_model == "tiny" and weights != "random":
             model.load_state_dict(pretrained_tiny_clip(cfg))
-    else:
-        if weights and not os.path.isfile(weights):
-            raise UsageError(f"--clip-weights {weights}: no such file; pass an OpenAI CLIP checkpoint or 'random'")
+    else:  # (preflight has made sure the file is there: given, or downloaded into --clip-cache)
         try:
             model, _ = clip.load(weights or cfg.clip_model, device="cpu", jit=False, download_root=cfg.clip_cache)
-        except Exception as e:  # offline (URLError), corrupt or foreign file
-            if weights:
-                raise UsageError(f"--clip-weights {weights} is not a readable CLIP checkpoint "
-                                 f"({type(e).__name__}): pass an OpenAI .pt file or 'random'") from None
-            raise UsageError(f"{cfg.clip_model} weights are not in {cfg.clip_cache} and the download failed "
-                             f"({type(e).__name__}: {getattr(e, 'reason', e)}): fetch "
-                             f"{clip.clip._MODELS[cfg.clip_model]} into it or pass --clip-weights PATH") from None
+        except Exception as e:  # a corrupt or foreign file
+            raise UsageError(f"{weights or cfg.clip_model} is not a readable CLIP checkpoint ({type(e).__name__}): "
+                             f"pass an OpenAI .pt file as --clip-weights, or 'random'") from None
         if not isinstance(model.visual, clip.model.VisionTransformer):
             raise UsageError("the CLIP checkpoint has a ResNet image tower: MoE-Adapters needs a ViT CLIP")
         if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
@@ -287,8 +277,7 @@ class MoEAdapter(nn.Module):
     """
 
     def __init__(self, d: int, experts: int, top_k: int, bottleneck: int, routers: int, scale: float,
-                 dropout: float, impl: str = "batched", eval_noise: bool = False, balance: bool = False,
-                 freeze_top: int = 2):
+                 dropout: float, impl: str = "batched", eval_noise: bool = False, freeze_top: int = 2):
         super().__init__()
         E, r, R = experts, bottleneck, routers
         bound = 1 / math.sqrt(d)  # kaiming_uniform(a=sqrt 5) of nn.Linear(d, r): U(-1/sqrt d, 1/sqrt d)
@@ -303,8 +292,7 @@ class MoEAdapter(nn.Module):
         self.register_buffer("usage", torch.zeros(E, dtype=torch.long))    # samples routed to each expert, this task
         self.register_buffer("frozen", torch.zeros(E, dtype=torch.bool))   # activate-freeze set, grows only
         self.E, self.k, self.R, self.scale, self.p = E, top_k, R, scale, dropout
-        self.impl, self.eval_noise, self.balance, self.freeze_top = impl, eval_noise, balance, freeze_top
-        self.aux_loss = None       # load-balancing loss of the last forward (only when balance is on)
+        self.impl, self.eval_noise, self.freeze_top = impl, eval_noise, freeze_top
         self.train_router = None   # router trained in the current task; the others are kept fixed
         self._snapshot = None
 
@@ -317,17 +305,14 @@ class MoEAdapter(nn.Module):
         if self.E == 1:  # a single adapter: gate 1 (the fine-tuning baseline has no router)
             return torch.zeros(N, 1, dtype=torch.long, device=c.device), use
         H = self.router_logits(c, self.w_gate, route)                    # H = c W_g^t            [N, E]
-        H_noisy, sigma = H, None
         if self.training or self.eval_noise:
             sigma = F.softplus(self.router_logits(c, self.w_noise, route)) + 0.01  # sigma = softplus(c W_n^t) + 0.01
-            H_noisy = H + torch.randn_like(H) * sigma                    # H~ = H + eps * sigma
-        top, idx = H_noisy.topk(self.k, dim=1)                           # K = TopK(H~)
+            H = H + torch.randn_like(H) * sigma                          # H~ = H + eps * sigma
+        top, idx = H.topk(self.k, dim=1)                                 # K = TopK(H~)
         w = torch.softmax(top, dim=1) * use                              # G = softmax over the top-k only
         if self.training:  # usage counts for activate-freeze stay on the device (no .item() per block)
             with torch.no_grad():
                 self.usage.index_add_(0, idx.flatten(), (use > 0).long().expand(N, self.k).flatten())
-            if self.balance:
-                self.aux_loss = self.balance_loss(H, H_noisy, sigma, idx, w)
         return idx, w
 
     def router_logits(self, c: torch.Tensor, W: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
@@ -335,19 +320,6 @@ class MoEAdapter(nn.Module):
         N, d = c.shape
         every_router = (c @ W.permute(1, 0, 2).reshape(d, self.R * self.E)).view(N, self.R, self.E)
         return every_router[torch.arange(N, device=c.device), route.clamp(min=0)]
-
-    def balance_loss(self, H, H_noisy, sigma, idx, w):
-        """CV^2(importance) + CV^2(load) (spec 2.4). load is the smooth P(expert in top-k) when noisy and k < E."""
-        dense = torch.zeros(H.shape, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # G as [N, E]
-        if sigma is not None and self.k < self.E:
-            kth = H_noisy.topk(self.k + 1, dim=1).values                # thresholds for "in" and "out"
-            normal = torch.distributions.Normal(0.0, 1.0)
-            p_in = normal.cdf((H - kth[:, self.k:self.k + 1]) / sigma)
-            p_out = normal.cdf((H - kth[:, self.k - 1:self.k]) / sigma)
-            load = torch.where(H_noisy > kth[:, self.k:self.k + 1], p_in, p_out).sum(0)
-        else:
-            load = (dense > 0).float().sum(0)
-        return cv_squared(dense.sum(0)) + cv_squared(load)               # importance = sum_n G[n]
 
     def forward(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """x: [L, N, d] block state after attention, base: the block's output. Returns
@@ -386,12 +358,6 @@ class MoEAdapter(nn.Module):
         self.frozen[self.usage.topk(self.freeze_top).indices] = True
 
 
-def cv_squared(v: torch.Tensor) -> torch.Tensor:
-    """The squared coefficient of variation, var / mean^2 (the balancing loss of Shazeer et al. 2017)."""
-    v = v.float()
-    return v.var() / (v.mean() ** 2 + 1e-10)
-
-
 class MoEBlock(nn.Module):
     """A clip.model.ResidualAttentionBlock with the expert mixture in parallel with its MLP (spec 2.2):
 
@@ -403,7 +369,7 @@ class MoEBlock(nn.Module):
 
     attention = clip.model.ResidualAttentionBlock.attention  # CLIP's own attention call, reused
 
-    def __init__(self, block: nn.Module, adapter: MoEAdapter | None):
+    def __init__(self, block: nn.Module, adapter: MoEAdapter):
         super().__init__()
         self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2
         self.attn_mask = block.attn_mask
@@ -413,7 +379,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [L, N, D]
         x = x + self.attention(self.ln_1(x))
         out = x + self.mlp(self.ln_2(x))
-        if self.moe is None or self.route is None:
+        if self.route is None:
             return out
         return self.moe(x, self.route, base=out)
 
@@ -421,12 +387,11 @@ class MoEBlock(nn.Module):
 def new_adapter(cfg: Config, d: int, impl: str, experts: int = 0) -> MoEAdapter:
     """The MoEAdapter of one block of width d, as the config says (`experts` overrides cfg.experts)."""
     return MoEAdapter(d, experts or cfg.experts, cfg.top_k, cfg.bottleneck, n_routers(cfg), cfg.adapter_scale,
-                      cfg.adapter_dropout, impl, cfg.eval_noise, cfg.balance_coef > 0, cfg.freeze_top)
+                      cfg.adapter_dropout, impl, cfg.eval_noise, cfg.freeze_top)
 
 
 def add_moe_adapters(model: nn.Module, cfg: Config) -> nn.Module:
-    """Wrap every residual block of both towers in place. Adds parameters named
-    `visual.transformer.resblocks.<l>.moe.*` and `transformer.resblocks.<l>.moe.*`."""
+    """Wrap every residual block of both towers in place (new parameters: [visual.]transformer.resblocks.<l>.moe.*)."""
     impl = resolve_impl(cfg)
     for tower in (model.visual.transformer, model.transformer):
         for i, block in enumerate(tower.resblocks):
@@ -463,10 +428,13 @@ def encode_texts(model: nn.Module, tokens: torch.Tensor, route: torch.Tensor | N
         return model.encode_text(tokens)
 
 
-def tokenize(prompts: list[str], device) -> torch.Tensor:
-    """The real CLIP tokenizer, trimmed to the longest prompt: under the causal mask the padding after
-    the end-of-text token never affects it, and the text tower costs in proportion to the length."""
-    tokens = clip.tokenize(prompts)
+def tokenize(prompts: list[str], device, context: int = 77) -> torch.Tensor:
+    """The real CLIP tokenizer, trimmed to the longest prompt: under the causal mask the padding after the
+    end-of-text token never affects it, and the text tower costs in proportion to the length."""
+    try:
+        tokens = clip.tokenize(prompts, context_length=context)
+    except RuntimeError as e:  # a prompt longer than the text tower's context
+        raise UsageError(f"{e}: shorten --prompt") from None
     return tokens[:, : int(tokens.argmax(dim=1).max()) + 1].to(device)
 
 
@@ -527,7 +495,6 @@ def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
 
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests, no GPU)
-UPCAST_DOT = TRITON_INTERPRET  # the interpreter's bf16 tl.dot is wrong: give it fp32 operands
 FUSED_MAX_HIDDEN = 256        # k * bottleneck hidden units the kernel holds per sample (the paper: 2 * 64)
 
 
@@ -610,7 +577,7 @@ class FusedMixture(torch.autograd.Function):
         L, N, D = x.shape
         K, R = idx.shape[1], w_down.shape[2]
         KRP = max(16, triton.next_power_of_2(K * R))  # tl.dot needs at least 16 along every dimension
-        BLOCK_L, BLOCK_D = fused_tiles(KRP, 4 if UPCAST_DOT else x.element_size())
+        BLOCK_L, BLOCK_D = fused_tiles(KRP, 4 if TRITON_INTERPRET else x.element_size())
         x, idx, w = rowmajor(x), idx.contiguous(), w.contiguous()
         w_down, b_down, w_up, b_up = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
         mask = None
@@ -625,7 +592,7 @@ class FusedMixture(torch.autograd.Function):
             x.stride(0), x.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
             K=K, R=R, KRP=KRP, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
             HAS_MASK=mask is not None, STORE_H=store_h, HAS_BASE=base is not None,
-            UPCAST=UPCAST_DOT, PREC=prec)
+            UPCAST=TRITON_INTERPRET, PREC=prec)  # the interpreter's bf16 tl.dot is wrong: fp32 operands
         ctx.save_for_backward(x, idx, w, w_down, b_down, w_up, b_up, h)
         ctx.scale, ctx.p_drop, ctx.has_base = scale, p_drop, base is not None
         return y
@@ -663,17 +630,11 @@ def mixture_triton(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base=No
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w_down, b_down, w_up, b_up = (t.to(dtype) for t in (x, w_down, b_down, w_up, b_up))  # autograd-aware casts
     inputs = (x, w, w_down, b_down, w_up, b_up, base)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    # grad: keep the hidden units for a backward
-    return FusedMixture.apply(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base, grad)
+    store_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)  # for a backward
+    return FusedMixture.apply(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base, store_h)
 
 
 MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_triton}
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The fused kernel runs on CUDA, or on the CPU under Triton's (slow) interpreter, TRITON_INTERPRET=1."""
-    return triton is not None and (device.type == "cuda" or TRITON_INTERPRET)
 
 
 def resolve_impl(cfg: Config) -> str:
@@ -751,12 +712,8 @@ def reconstruction_error(ae: nn.Module, f: torch.Tensor) -> torch.Tensor:
 def alexnet_conv5(cfg: Config) -> nn.Module:
     """torchvision AlexNet up to conv5, before its ReLU (features[:-2]); ImageNet weights, frozen."""
     import torchvision
-    try:
-        weights = None if cfg.ddas_weights else torchvision.models.AlexNet_Weights.IMAGENET1K_V1
-        net = torchvision.models.alexnet(weights=weights)
-    except Exception as e:
-        raise UsageError(f"cannot download the AlexNet weights for DDAS ({type(e).__name__}): pass "
-                         f"--ddas-weights PATH, or --ddas-features clip (no second network)") from None
+    weights = None if cfg.ddas_weights else torchvision.models.AlexNet_Weights.IMAGENET1K_V1  # fetched by preflight
+    net = torchvision.models.alexnet(weights=weights)
     if cfg.ddas_weights not in ("", "random"):
         try:
             net.load_state_dict(torch.load(cfg.ddas_weights, map_location="cpu", weights_only=True))
@@ -773,7 +730,7 @@ def forever(loader):
 
 
 def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device, iters: int | None = None,
-                 epoch_batches: int | None = None) -> float:
+                 epoch_batches: int | None = None) -> None:
     """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps of the
     loader's augmented batches, features extracted as they come, lr = ddas_lr 0.1^(e // 10) with e = step //
     epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15; --no-ddas-step-lr:
@@ -800,8 +757,6 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
                 break
         selector.tau[slot] = torch.quantile(torch.cat(errs), cfg.ddas_quantile)
         selector.trained[slot] = True
-    return loss.item()
-
 
 
 def fit_autoencoder(selector: TaskSelector, cfg: Config, images, slot: int, device, iters: int,
@@ -829,26 +784,19 @@ def autocast_for(cfg: Config, device: torch.device):
     return nullcontext()
 
 
-def clip_logits(model, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """logit_scale * cos(image, text): [N_images, N_classes]."""
-    return model.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-
-
 def task_logits(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, router: int) -> torch.Tensor:
-    """One training forward: the images and the task's class prompts, both through the task's router."""
+    """One training forward, logit_scale * cos(image, text), both towers through the task's router."""
     img = encode_images(model, x, torch.full((len(x),), router, device=x.device))
     txt = encode_texts(model, tokens, torch.full((len(tokens),), router, device=x.device))
-    return clip_logits(model, img.float(), txt.float())
+    return model.logit_scale.exp() * F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).T
 
 
 def train_step(model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tensor:
-    """Forward, cross-entropy over the task's classes (+ load balancing), backward, AdamW, and the
-    frozen experts and other tasks' routers put back bitwise."""
+    """Forward, cross-entropy over the task's classes, backward, AdamW, and the frozen experts and other
+    tasks' routers put back bitwise. (The authors compute a load-balancing loss but never add it: spec 2.4.)"""
     with autocast_for(cfg, x.device):
         logits = task_logits(model, x, tokens, router)
     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    if cfg.balance_coef > 0:
-        loss = loss + cfg.balance_coef * sum(a.aux_loss.float() for a in adapters(model) if a.aux_loss is not None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -857,13 +805,14 @@ def train_step(model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tens
     return loss
 
 
-def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device) -> float:
+def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device) -> None:
     (lo, hi), images = bench.splits[task], bench.subset("train", task)
 
-    def epoch(e: int):  # one seeded permutation per epoch, a function of (seed, task, epoch) that resume repeats
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + 1000 * task + e))
-        return iter(torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order.tolist(),
-                                                num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    def batches():  # one seeded permutation per epoch, a function of (seed, task, epoch) that resume repeats
+        for e in itertools.count():  # (the authors' extra step starts one more epoch: quirk Q17)
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + 1000 * task + e))
+            yield from torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                                   num_workers=cfg.workers, pin_memory=device.type == "cuda")
 
     template = bench.templates[task][0]                                 # MTIL: the data set's first template
     tokens = tokenize([template.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
@@ -875,15 +824,10 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
                             weight_decay=cfg.weight_decay)
     steps = cfg.iterations or math.ceil(len(images) / cfg.batch_size) * cfg.epochs
     model.train()
-    batches, e = epoch(0), 0
+    data = batches()
     bar = progress(range(steps + int(cfg.extra_step)), f"task {task + 1}/{len(bench.splits)}")
     for step in bar:
-        try:
-            x, y = next(batches)
-        except StopIteration:  # next epoch (or the authors' extra step, quirk Q17)
-            e += 1
-            batches = epoch(e)
-            x, y = next(batches)
+        x, y = next(data)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
         loss = train_step(model, opt, cfg, x.to(device, non_blocking=True), (y - lo).to(device), tokens, router)
@@ -897,7 +841,6 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         for a in adapters(model):
             a.freeze_most_used()
     model.eval()
-    return loss.item()
 
 
 def progress(iterable, desc: str) -> tqdm:
@@ -911,11 +854,10 @@ def warn_once(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation and metrics. After task t the test images of tasks 0..t are classified among all classes
-# seen so far (the CIL protocol), and those of task t+1 among the classes of tasks 0..t+1 (zero-shot
-# look-ahead, for forward transfer); --eval-all-tasks adds every later task, MTIL always evaluates every
-# data set among its own classes. The accuracy matrix A[t][j] is saved and every printed number is derived
-# from it.
+# Evaluation and metrics. After task t the test images of tasks 0..t are classified among all classes seen so far
+# (the CIL protocol), and those of task t+1 among the classes of tasks 0..t+1 (zero-shot look-ahead, for forward
+# transfer); --eval-all-tasks adds every later task, MTIL always evaluates every data set among its own classes.
+# The accuracy matrix A[t][j] is saved and every printed number is derived from it.
 # ------------------------------------------------------------------------------------------------
 
 def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
@@ -943,9 +885,9 @@ def task_prompts(bench: Benchmark, task: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def prompt_tokens(prompts: tuple) -> list:
+def prompt_tokens(prompts: tuple, context: int) -> list:
     """The prompts tokenized in chunks of 256, once per run: the BPE tokenizer is slower than the tiny text tower."""
-    return [tokenize(list(prompts[i:i + 256]), "cpu") for i in range(0, len(prompts), 256)]
+    return [tokenize(list(prompts[i:i + 256]), "cpu", context) for i in range(0, len(prompts), 256)]
 
 
 @torch.no_grad()
@@ -956,7 +898,7 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
     for task in range(len(bench.splits)) if tasks is None else tasks:
         (lo, hi), templates = bench.splits[task], bench.templates[task]
         emb = []
-        for tokens in prompt_tokens(task_prompts(bench, task)):
+        for tokens in prompt_tokens(task_prompts(bench, task), ARCHS[cfg.clip_model][5]):
             r = None if route is None else torch.full((len(tokens),), route, device=device)
             with autocast_for(cfg, device):
                 emb.append(F.normalize(encode_texts(model, tokens.to(device), r).float(), dim=-1))
@@ -987,12 +929,10 @@ def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_f
 @torch.no_grad()
 def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: TaskSelector | None = None,
              stats: dict | None = None, clip_text: dict | None = None):
-    """Row t of the accuracy matrix (percent), the number of test images of each task, and where the test
-    images of each task were sent: counts per destination [CLIP, router 0, router 1, ...]. Class-incremental:
-    among all classes seen so far; MTIL: among the task's own classes. A (router, task)
-    pair's class prompts are encoded when an image first needs them, once per evaluation; the untouched CLIP's
-    never change and are kept in `clip_text` (task -> embeddings) across evaluations and in the checkpoint.
-    `stats` counts the images and the prompts of the run."""
+    """Row t of the accuracy matrix (percent), each task's number of test images, and where they were sent (counts
+    per destination [CLIP, router 0, router 1, ...]). A (router, task) pair's class prompts are encoded when an
+    image first needs them, once per evaluation; the untouched CLIP's are kept in `clip_text` (task -> embeddings)
+    across evaluations and in the checkpoint. `stats` counts the images and the prompts of the run."""
     model.eval()
     text = {}  # router (None: the untouched CLIP) -> task -> class embeddings of that task's classes
     stats = {"eval_images": 0, "eval_prompts": 0} if stats is None else stats
@@ -1079,8 +1019,7 @@ def mtil_metrics(matrix) -> dict:
 
 
 def summary_of(state: dict, kind: str) -> dict:
-    """The run's headline numbers: Last and Avg (class-incremental, spec 6.1) or Transfer, Avg and Last
-    of the full accuracy matrix (MTIL, spec 6.2)."""
+    """The headline numbers: Last and Avg (class-incremental, spec 6.1), or Transfer, Avg and Last (MTIL, spec 6.2)."""
     if kind == "mtil":
         return mtil_metrics(state["matrix"])
     last = state["rows"][-1]
@@ -1123,36 +1062,27 @@ REPORTED_CURVES = {  # (dataset, --tasks): the authors' accuracy after each step
 }
 
 
-def pyplot():
-    """matplotlib's pyplot for files (no display), or None with one line on how to get the pictures."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        warn_once("matplotlib is not installed, so no pictures were drawn: pip install matplotlib")
-        return None
-
-
 def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None:
     """accuracy_matrix.png (the matrix as a heatmap with its values; cells not evaluated left blank) and
     accuracy_curve.png (accuracy on the classes seen so far after each task, beside the authors' reported
     curve for the paper's class-incremental settings)."""
-    plt = pyplot()
-    if plt is None:
+    try:  # files only, no display
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warn_once("matplotlib is not installed, so no pictures were drawn: pip install matplotlib")
         return
     A, T = np.array(state["matrix"], dtype=float), len(task_names)
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * T, 1.5 + 0.5 * len(A)))
-    fig.colorbar(ax.imshow(A, cmap="viridis", vmin=0, vmax=100), ax=ax)
+    heatmap, ax = plt.subplots(figsize=(2 + 0.5 * T, 1.5 + 0.5 * len(A)))
+    heatmap.colorbar(ax.imshow(A, cmap="viridis", vmin=0, vmax=100), ax=ax)
     for (i, j), a in np.ndenumerate(A):
         if not np.isnan(a) and T <= 25:
             ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=8, color="white" if a < 60 else "black")
     ax.set_xticks(range(T), task_names, rotation=90 if T > 10 else 0)
     ax.set_yticks(range(len(A)), task_names[:len(A)])
     ax.set(xlabel="test images of", ylabel="after training on", title=f"accuracy (%), {cfg.dataset}")
-    save_figure(plt, fig, os.path.join(out, "accuracy_matrix.png"))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curve, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(A) + 1), [r["acc"] for r in state["rows"]], "o-", label=f"{cfg.method}, this run (measured)")
     reported = [float(a) for a in REPORTED_CURVES.get((cfg.dataset, cfg.tasks), "").split()]
     if reported:
@@ -1162,13 +1092,10 @@ def write_pictures(out: str, state: dict, cfg: Config, task_names: list) -> None
            title=f"{cfg.dataset}, {T} tasks")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
-    save_figure(plt, fig, os.path.join(out, "accuracy_curve.png"))
-
-
-def save_figure(plt, fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    for fig, name in ((heatmap, "accuracy_matrix.png"), (curve, "accuracy_curve.png")):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=100)
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1291,51 +1218,30 @@ class Relabeled(torch.utils.data.Dataset):
         return x, int(self.position[y])
 
 
-class Transformed(torch.utils.data.Dataset):
-    """A subset of an untransformed data set, with its own transform (the 80/20 splits)."""
-
-    def __init__(self, ds, indices: list, transform):
-        self.ds, self.indices, self.transform = ds, indices, transform
-        labels = labels_of(ds)
-        self.targets = [labels[i] for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        image, y = self.ds[self.indices[i]]
-        return self.transform(image), y
-
-
 def labels_of(ds) -> list:
-    """Labels of a torchvision data set without loading its images."""
+    """Labels of a torchvision data set (or a Subset of one) without loading its images."""
+    if isinstance(ds, torch.utils.data.Subset):
+        labels = labels_of(ds.dataset)
+        return [labels[i] for i in ds.indices]
     for attr in ("targets", "_labels", "y"):
         if hasattr(ds, attr):
             return [int(y) for y in getattr(ds, attr)]
     return [int(y) for _, y in ds._samples]  # StanfordCars
 
 
-def listed_files(ds) -> list:
-    """The image files a folder-based data set lists, in its order (none for CIFAR-100 and MNIST: arrays)."""
-    if isinstance(ds, TinyImageNetFolder):
-        return [path for path, _ in ds.items]
-    if hasattr(ds, "categories") and hasattr(ds, "index"):  # Caltech101 counts image_0001.jpg ... per category
-        return [os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
-                for y, i in zip(ds.y, ds.index)]
-    for attr in ("_image_files", "_images", "samples", "_samples"):
-        if hasattr(ds, attr):
-            return [str(item[0] if isinstance(item, tuple) else item) for item in getattr(ds, attr)]
-    return []
-
-
 def file_of(ds, i: int) -> str:
-    """The file behind item i, through the Subset and Transformed wrappers."""
+    """The file behind item i, through Subsets (CIFAR-100 and MNIST: arrays, none)."""
     if isinstance(ds, torch.utils.data.Subset):
         return file_of(ds.dataset, ds.indices[i])
-    if isinstance(ds, Transformed):
-        return file_of(ds.ds, ds.indices[i])
-    files = listed_files(ds)
-    return files[i] if i < len(files) else f"item {i} of {type(ds).__name__}"
+    if isinstance(ds, TinyImageNetFolder):
+        return ds.items[i][0]
+    if hasattr(ds, "categories") and hasattr(ds, "index"):  # Caltech101 counts image_0001.jpg ... per category
+        return os.path.join(ds.root, "101_ObjectCategories", ds.categories[ds.y[i]], f"image_{ds.index[i]:04d}.jpg")
+    for attr in ("_image_files", "_images", "samples", "_samples"):
+        if hasattr(ds, attr):
+            item = getattr(ds, attr)[i]
+            return str(item[0] if isinstance(item, tuple) else item)
+    return f"item {i} of {type(ds).__name__}"
 
 
 def to_rgb(image):  # a module-level function, so DataLoader workers can pickle the transform
@@ -1537,38 +1443,34 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
     """(train set, test set, class names) of one MTIL data set, its split as spec 9.1 gives it."""
     import torchvision.datasets as D
     if name in ("Caltech101", "EuroSAT", "SUN397"):  # one folder, split 80/20 with seed 42
-        ds = getattr(D, name)(root, download=download)
+        train, test = (getattr(D, name)(root, transform=tf, download=download) for tf in (train_tf, test_tf))
         if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
-            files = sorted(zip(ds._image_files, ds._labels), key=lambda item: str(item[0]))
-            ds._image_files, ds._labels = [f for f, _ in files], [y for _, y in files]
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(42)).tolist()
-        n_train = int(0.8 * len(ds))
-        names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name) or class_names(ds)
-        return Transformed(ds, perm[:n_train], train_tf), Transformed(ds, perm[n_train:], test_tf), names
+            for ds in (train, test):
+                files = sorted(zip(ds._image_files, ds._labels), key=lambda item: str(item[0]))
+                ds._image_files, ds._labels = [f for f, _ in files], [y for _, y in files]
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(42)).tolist()
+        n_train = int(0.8 * len(train))
+        names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name) or class_names(train)
+        return torch.utils.data.Subset(train, perm[:n_train]), torch.utils.data.Subset(test, perm[n_train:]), names
     train = torchvision_split(D, name, root, "train", train_tf, download)
     test = torchvision_split(D, name, root, "test", test_tf, download)
-    names = class_names(train)
-    if name == "Flowers":  # the spec's flower names
-        names = FLOWERS102_NAMES
     if name == "MNIST":  # "0 - zero", ... as torchvision names them
-        names = list(train.classes)
-    return train, test, names
+        return train, test, list(train.classes)
+    return train, test, FLOWERS102_NAMES if name == "Flowers" else class_names(train)  # Flowers: the spec's names
 
 
 def torchvision_split(D, name: str, root: str, split: str, transform, download: bool):
     """The "train" or "test" split of a data set that torchvision ships already split."""
     if name == "Aircraft":
         return D.FGVCAircraft(root, split=split, annotation_level="variant", transform=transform, download=download)
-    if name == "CIFAR100":
-        return D.CIFAR100(root, train=split == "train", transform=transform, download=download)
+    if name in ("CIFAR100", "MNIST"):
+        return getattr(D, name)(root, train=split == "train", transform=transform, download=download)
     if name == "DTD":
         return D.DTD(root, split=split, partition=1, transform=transform, download=download)
     if name == "Flowers":
         return D.Flowers102(root, split=split, transform=transform, download=download)
     if name == "Food":
         return D.Food101(root, split=split, transform=transform, download=download)
-    if name == "MNIST":
-        return D.MNIST(root, train=split == "train", transform=transform, download=download)
     if name == "OxfordPet":
         split = "trainval" if split == "train" else "test"
         return D.OxfordIIITPet(root, split=split, transform=transform, download=download)
@@ -1702,9 +1604,8 @@ def draw_synthetic(per_class: int, gen: torch.Generator, styled_splits: list | N
 
 
 def load_synthetic(cfg: Config) -> Benchmark:
-    """The continual part of the synthetic world, drawn once from a fixed seed (the same for every run).
-    synthetic-mtil: a multi-domain benchmark, one task per rendering style, each with 8 classes of its own
-    (the synthetic class-incremental tasks), classified among its own classes, as in MTIL."""
+    """The continual part of the synthetic world, drawn once from a fixed seed. synthetic-mtil: one task per rendering
+    style, each with 8 classes of its own (the class-incremental tasks), classified among its own classes as in MTIL."""
     mtil = cfg.dataset == "synthetic-mtil"
     gen = torch.Generator().manual_seed(4321 if mtil else 1234)
     splits = even_splits(len(SYNTHETIC_TASK_CLASSES), cfg.tasks)
@@ -1760,10 +1661,9 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
 
 
 def reference_images(cfg: Config, resolution: int, train=None):
-    """The reference autoencoder's images (spec 4.2), as (data set, its size before --shots): TinyImageNet's
-    training images (the authors'; `train`, when the benchmark is TinyImageNet and has read them already), or in
-    the synthetic world the tiny CLIP's pretraining classes, which stand for what CLIP already knows. With
-    --shots, the first `shots` of each class as for the tasks."""
+    """The reference autoencoder's images (spec 4.2) and their number before --shots: TinyImageNet's training images
+    as the authors' (`train`: the benchmark's, already read), or in the synthetic world the tiny CLIP's pretraining
+    classes, which stand for what CLIP already knows. With --shots, the first `shots` of each class."""
     if cfg.dataset.startswith("synthetic"):
         labels = torch.arange(len(SYNTHETIC_PRETRAIN_CLASSES)).repeat_interleave(SYN_TRAIN_PER_CLASS)
         images = render_shapes(torch.tensor(SYNTHETIC_PRETRAIN_CLASSES)[labels], torch.Generator().manual_seed(99))
@@ -1803,13 +1703,13 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
     if cfg.clip_model != "tiny" and not cfg.clip_weights:
         url = clip.clip._MODELS[cfg.clip_model]
         wanted.append((f"the {cfg.clip_model} weights", url, cfg.clip_cache, "or pass --clip-weights PATH",
-                       lambda: clip.clip._download(url, cfg.clip_cache)))
+                       lambda url=url: clip.clip._download(url, cfg.clip_cache)))
     if alexnet and not cfg.ddas_weights:
         import torchvision
         url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
         wanted.append(("DDAS's AlexNet weights", url, os.path.join(torch.hub.get_dir(), "checkpoints"),
                        "or pass --ddas-weights PATH, or --ddas-features clip",
-                       lambda: torch.hub.load_state_dict_from_url(url, map_location="cpu")))
+                       lambda url=url: torch.hub.load_state_dict_from_url(url, map_location="cpu")))
     for what, url, folder, alternative, download in wanted:
         if os.path.isfile(os.path.join(folder, os.path.basename(url))):
             continue
@@ -1830,23 +1730,6 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
     return problems
 
 
-def overlong_prompts(bench: Benchmark, cfg: Config) -> list:
-    """[] if every prompt fits the text tower's context, else one line naming the longest of the first task that
-    does not. The prompts are tokenized here, once per run: the evaluations take them from prompt_tokens' cache."""
-    context = ARCHS[cfg.clip_model][5]
-    for task in range(len(bench.splits)):
-        prompts = task_prompts(bench, task)
-        try:
-            if all(tokens.shape[1] <= context for tokens in prompt_tokens(prompts)):
-                continue
-        except RuntimeError:  # clip.tokenize refuses a prompt of more than 77 tokens
-            pass
-        n, prompt = max((len(clip.clip._tokenizer.encode(p)) + 2, p) for p in prompts)
-        return [f"the prompt {prompt!r} is {n} tokens, more than the {context} of {cfg.clip_model}'s text tower: "
-                f"shorten --prompt"]
-    return []
-
-
 def preflight(cfg: Config) -> Benchmark:
     """Everything a run needs from disk or the network, before any work: the data sets (loaded here, and
     downloaded with --download), the CLIP weights and DDAS's AlexNet weights. Every missing item is named in
@@ -1855,10 +1738,10 @@ def preflight(cfg: Config) -> Benchmark:
     if not problems:
         try:
             bench = load_benchmark(cfg, ARCHS[cfg.clip_model][1])
+            for task in range(len(bench.splits)):  # every prompt tokenized here, once per run, and checked
+                prompt_tokens(task_prompts(bench, task), ARCHS[cfg.clip_model][5])
         except UsageError as e:
             problems.append(str(e))
-    if bench is not None:
-        problems += overlong_prompts(bench, cfg)
     problems += missing_weights(cfg, fetch=not problems)
     if problems:
         raise UsageError("; ".join(problems))
@@ -1914,14 +1797,12 @@ def set_rng_states(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict,
-                    selector: TaskSelector | None = None, bench: Benchmark | None = None) -> None:
+def save_checkpoint(path: str, model: nn.Module | None, cfg: Config, state: dict, selector, bench: Benchmark) -> None:
     ckpt = {"format": CHECKPOINT_FORMAT, "config": run_identity(cfg), "next_task": len(state["rows"]),
             "trainable": {k: v for k, v in model.state_dict().items() if ".moe." in k} if model is not None else {},
             "ddas": selector.state_dict() if selector is not None else {}, "rng": rng_states(),
             "clip_text": {k: v.cpu() for k, v in state["clip_text"].items()},
-            "classes": {} if bench is None else {k: getattr(bench, k) for k in  # what --predict needs
-                                                 ("class_names", "splits", "templates", "task_names", "kind")}}
+            "classes": {k: getattr(bench, k) for k in ("class_names", "splits", "templates", "task_names", "kind")}}
     ckpt |= {k: state[k] for k in ("matrix", "counts", "rows", "stats")}
     atomic_save(path, lambda tmp: torch.save(ckpt, tmp))
 
@@ -1994,16 +1875,6 @@ def write_config(out: str, cfg: Config, impl: str) -> None:
     atomic_write(os.path.join(out, "config.json"), text)
 
 
-def claim_output_folder(out: str, cfg: Config, impl: str) -> None:
-    """Mark a new run's folder at once with its config.json, so that a second run there is refused."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_config(out, cfg, impl)
-    except OSError as e:  # read-only, a file in the way, a name too long
-        raise UsageError(f"--output-dir {out} cannot be written ({e.strerror}: {e.filename}): choose another "
-                         f"--output-dir") from None
-
-
 # ------------------------------------------------------------------------------------------------
 # The task loop: for each task, train, fit its autoencoder, evaluate, write the metrics, checkpoint.
 # ------------------------------------------------------------------------------------------------
@@ -2039,8 +1910,9 @@ def run(cfg: Config, verbose: bool = True) -> dict:
     bench = preflight(cfg)  # every missing data set or weights file named at once, before any work
     T = len(bench.splits)
     impl = resolve_impl(cfg) if cfg.method != "zeroshot" else "none"
-    if not saved:
-        claim_output_folder(out, cfg, impl)
+    if not saved:  # mark a new run's folder at once, so that a second run there is refused
+        os.makedirs(out, exist_ok=True)
+        write_config(out, cfg, impl)
     model, selector = build_model(cfg, T, device)
     trained = model if cfg.method != "zeroshot" else None  # what the checkpoint holds
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic"):
@@ -2161,7 +2033,7 @@ BOUNDS = {  # the range of every number: [ ] includes the end, ( ) leaves it out
     **dict.fromkeys(("batch_size", "eval_batch_size", "ddas_hidden"), "[1, 1048576]"),
     **dict.fromkeys(("lr", "ddas_lr"), "(0, inf)"), "weight_decay": "[0, inf)", "ddas_quantile": "(0, 1]",
     **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"),
-    **dict.fromkeys(("adapter_scale", "balance_coef"), "(-inf, inf)")}  # (finite)
+    "adapter_scale": "(-inf, inf)"}  # (finite)
 
 
 def in_range(value, interval: str) -> bool:
@@ -2203,6 +2075,7 @@ ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, the
     "download": ("a real data set", lambda c: not c.dataset.startswith("synthetic")),
     "eval_all_tasks": ("a class-incremental data set", lambda c: c.dataset not in ("mtil", "synthetic-mtil")),
     "freeze_top": ("--freeze", lambda c: c.freeze),
+    "eval_train_transform": ("--dataset cifar100 or tinyimagenet", lambda c: c.dataset in ("cifar100", "tinyimagenet")),
     **dict.fromkeys([f.name for f in fields(Config) if f.name.startswith("ddas_")], ("--ddas", lambda c: c.ddas))}
 RULES = [  # (refused when, the message: a template of the config c, or a function of it), checked after BOUNDS
     (lambda c: c.top_k > c.experts, "--top-k {c.top_k} is more than --experts {c.experts}: choose top-k <= experts"),
@@ -2231,8 +2104,8 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.resume and c.overwrite, "--resume and --overwrite contradict each other: pick one"),
     (lambda c: c.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no CUDA device is visible"),
     (lambda c: c.moe_impl == "triton" and triton is None, "--moe-impl triton: triton is not installed: use batched"),
-    (lambda c: c.moe_impl == "triton" and not triton_usable(resolve_device(c)), "--moe-impl triton needs a CUDA "
-     "device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): use --moe-impl batched"),
+    (lambda c: c.moe_impl == "triton" and resolve_device(c).type != "cuda" and not TRITON_INTERPRET, "--moe-impl "
+     "triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): use --moe-impl batched"),
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
@@ -2286,8 +2159,6 @@ def resume_config(args: dict) -> Config:
     return dataclasses.replace(run_config(out, ckpt, args), resume=True)
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # The modes: the dry run, the offline demo and prediction with a trained run; main, the one dispatcher.
 # ------------------------------------------------------------------------------------------------
@@ -2332,6 +2203,7 @@ def run_demo(args: dict) -> dict:
         raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = args.get("output_dir") or os.path.join("runs", f"demo-{stamp}")
+    pretrained_tiny_clip(resolve_config(dict(args, dataset="synthetic")))  # before the timed runs that share it
     results = {}
     for ds, runs in DEMO_RUNS.items():
         results[ds] = {}
@@ -2357,15 +2229,15 @@ def demo_tables(results: dict) -> list:
     cil, mtil = results["synthetic"], results["synthetic-mtil"]
     own_cil = 100 * np.mean([r["routes"]["own_router"] for r in cil["moe-adapters full"]])
     own_mtil = 100 * np.mean([r["routes"]["own_router"] for r in mtil["moe-adapters"]])
-    unseen = 100 * np.mean([unseen_to_clip(r["rows"]) for r in mtil["moe-adapters"]])
+    unseen = 100 * np.mean([row["routes"]["unseen_to_clip"] for r in mtil["moe-adapters"] for row in r["rows"][:-1]])
     titles = {"synthetic": f"Class-incremental synthetic world: 4 tasks of {len(SYNTHETIC_TASK_CLASSES) // 4} new "
                            f"classes, tiny CLIP, no task id; mean ± std over seeds {', '.join(map(str, DEMO_SEEDS))}",
               "synthetic-mtil": f"Multi-domain synthetic benchmark (MTIL protocol): {' -> '.join(SYN_STYLES)}"}
     notes = {"synthetic": f"moe-adapters: --preset cil (2 experts, one router); full: 22 experts, per-task routers, "
                           f"activate-freeze, DDAS ({own_cil:.1f}% of test images to their own task's router)",
              "synthetic-mtil": f"moe-adapters: --preset mtil with DDAS: {unseen:.1f}% of the test images of "
-                               f"not-yet-learned domains went to the untouched CLIP; after the last task "
-                               f"{own_mtil:.1f}% went to their own domain's router"}
+                               f"not-yet-learned domains went to the untouched CLIP (mean over the evaluations); "
+                               f"after the last task {own_mtil:.1f}% went to their own domain's router"}
     lines = []
     for ds, table in results.items():
         header = "".join(f"{k.capitalize():>15}" for k in DEMO_COLUMNS[ds])
@@ -2380,13 +2252,6 @@ def demo_tables(results: dict) -> list:
 def mean_std(runs: list, key: str) -> tuple:
     values = [r[key] for r in runs]
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def unseen_to_clip(rows: list) -> float:
-    """Share of the not-yet-learned tasks' test images that DDAS sent to the untouched CLIP, over a run's rows."""
-    sent = [d for r in rows if "routes" in r for j, d in enumerate(r["routes"]["destinations"])
-            if j > r["task"] and d is not None]
-    return sum(d[0] for d in sent) / max(sum(map(sum, sent)), 1)
 
 
 def predict(args: dict, paths: list) -> dict:
@@ -2418,8 +2283,7 @@ def predict(args: dict, paths: list) -> dict:
     problems = missing_weights(cfg, fetch=True)  # (a failed download is named as such)
     if problems:
         raise UsageError("; ".join(problems))
-    meta, no_data = ckpt.get("classes"), dict(train=None, test=None, train_labels=None, test_labels=None)
-    bench = Benchmark(**meta, **no_data) if meta else load_benchmark(cfg, ARCHS[cfg.clip_model][1])
+    bench = Benchmark(**ckpt["classes"], train=None, test=None, train_labels=None, test_labels=None)
     T, t = len(bench.splits), ckpt["next_task"] - 1  # t: the last completed task
     if t < T - 1:
         print(f"{out} stopped after task {t + 1} of {T}: predicting with what it learned until then", file=sys.stderr)
@@ -2451,12 +2315,6 @@ def predict(args: dict, paths: list) -> dict:
     return {"predictions": predictions}
 
 
-# ------------------------------------------------------------------------------------------------
-# main: one dispatcher among the demo, prediction, the dry run, the speed mode and a run.
-# ------------------------------------------------------------------------------------------------
-
-
-
 def main(argv: list[str] | None = None) -> dict:
     """The one dispatcher: --predict, the demo, --dry-run or a run. Bad input ends in one line and exit code 2;
     Ctrl-C in one line with the command that resumes, exit code 130."""
@@ -2468,18 +2326,13 @@ def main(argv: list[str] | None = None) -> dict:
             return predict(args, images)
         if demo:
             return run_demo(args)
-        if args.get("resume") and args.get("output_dir"):
-            cfg = resume_config(args)
-        else:
-            cfg = resolve_config(args)
-        if cfg.dry_run:
-            return dry_run(cfg)
-        return run(cfg)
+        cfg = resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args)
+        return dry_run(cfg) if cfg.dry_run else run(cfg)
     except UsageError as e:  # raised in a DataLoader worker, the message ends that worker's traceback: its last line
         fail(str(e).strip().splitlines()[-1].split("UsageError: ")[-1])
     except OSError as e:  # a file this run writes: a read-only folder, a file in the way, a name too long
-        fail(f"cannot write {e.filename} ({e.strerror}): the files saved before it are kept; fix it, or choose "
-             f"another --output-dir")
+        fail(f"cannot write {e.filename} ({e.strerror}): fix that or choose another --output-dir; what was saved "
+             f"before is kept")
     except KeyboardInterrupt as e:
         done, T, out = getattr(e, "where", (0, 0, ""))
         if out and os.path.isfile(os.path.join(out, "checkpoint.pt")):
