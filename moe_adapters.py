@@ -379,9 +379,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [L, N, D]
         x = x + self.attention(self.ln_1(x))
         out = x + self.mlp(self.ln_2(x))
-        if self.route is None:
-            return out
-        return self.moe(x, self.route, base=out)
+        return out if self.route is None else self.moe(x, self.route, base=out)
 
 
 def new_adapter(cfg: Config, d: int, impl: str, experts: int = 0) -> MoEAdapter:
@@ -429,8 +427,7 @@ def encode_texts(model: nn.Module, tokens: torch.Tensor, route: torch.Tensor | N
 
 
 def tokenize(prompts: list[str], device, context: int = 77) -> torch.Tensor:
-    """The real CLIP tokenizer, trimmed to the longest prompt: under the causal mask the padding after the
-    end-of-text token never affects it, and the text tower costs in proportion to the length."""
+    """The real CLIP tokenizer, trimmed to the longest prompt (under the causal mask the padding never counts)."""
     try:
         tokens = clip.tokenize(prompts, context_length=context)
     except RuntimeError as e:  # a prompt longer than the text tower's context
@@ -499,9 +496,8 @@ FUSED_MAX_HIDDEN = 256        # k * bottleneck hidden units the kernel holds per
 
 
 def fused_tiles(hidden: int, itemsize: int) -> tuple[int, int]:
-    """(BLOCK_L tokens per program, BLOCK_D columns of the model width per tl.dot) for `hidden` padded hidden
-    units. A weight tile stays within 16 KB, so the kernel's shared memory (about 50-100 KB, read off the
-    kernel compiled for sm_75, sm_80 and sm_86) fits GPUs from the T4 on."""
+    """(BLOCK_L tokens per program, BLOCK_D model columns per tl.dot) for `hidden` padded hidden units: a weight tile
+    within 16 KB keeps the kernel's shared memory (50-100 KB compiled for sm_75/80/86) on GPUs from the T4 on."""
     bd = 64
     while itemsize * hidden * bd > 16384 and bd > 16:
         bd //= 2
@@ -638,8 +634,7 @@ MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_
 
 
 def resolve_impl(cfg: Config) -> str:
-    """auto = the fused Triton kernel on a CUDA GPU of compute capability 7.0 or more when triton imports and
-    k * bottleneck fits the kernel; batched elsewhere."""
+    """auto: the fused kernel on a CUDA GPU of compute capability 7.0 on, when triton imports; else batched."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     device = resolve_device(cfg)
@@ -654,10 +649,9 @@ def resolve_impl(cfg: Config) -> str:
 # ------------------------------------------------------------------------------------------------
 
 class TaskSelector(nn.Module):
-    """Autoencoders f -> Linear(F, h) -> ReLU -> Linear(h, F) -> Sigmoid -> f^ (spec 4.2), one per task (and
-    one for the reference, slot n_tasks, with --ddas-reference), over features f in (0, 1): `alexnet` =
-    sigmoid(conv5 of ImageNet AlexNet before its ReLU) as the authors (spec 4.1), `clip` = sigmoid(sqrt(D) *
-    normalise(frozen CLIP image embedding))."""
+    """Autoencoders f -> Linear(F, h) -> ReLU -> Linear(h, F) -> Sigmoid -> f^ (spec 4.2), one per task (and one for
+    the reference, slot n_tasks, with --ddas-reference), over features f in (0, 1): `alexnet` = sigmoid(conv5 of
+    ImageNet AlexNet before its ReLU) as the authors' (spec 4.1), `clip` = sigmoid(sqrt(D) * unit CLIP embedding)."""
 
     def __init__(self, cfg: Config, model: nn.Module, n_tasks: int):
         super().__init__()
@@ -672,10 +666,7 @@ class TaskSelector(nn.Module):
         self.register_buffer("trained", torch.zeros(slots, dtype=torch.bool))
         self.register_buffer("tau", torch.full((slots,), float("inf")))  # per-slot thresholds ("auto")
         self.clip = [model]  # kept out of this module's parameters and state_dict
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.trained) - int(self.cfg.ddas_reference)
+        self.n_tasks = n_tasks  # slot n_tasks, after the tasks', is the reference autoencoder's
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, model=None) -> torch.Tensor:
@@ -690,9 +681,8 @@ class TaskSelector(nn.Module):
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Route of every image: the task whose autoencoder wins, -1 (untouched CLIP) if its error exceeds
-        the threshold or the reference autoencoder wins. Numeric tau: argmin_k e_k, CLIP if e_k* > tau.
-        auto: argmin_k e_k / tau_k, CLIP if > 1."""
+        """Route of every image: the task whose autoencoder wins, -1 (untouched CLIP) if its error exceeds the
+        threshold or the reference wins. Numeric tau: argmin_k e_k, CLIP if e_k* > tau; auto: e_k / tau_k against 1."""
         err = self.errors(self.features(x))                              # [N, T]
         if self.cfg.ddas_per_batch:  # quirk Q12: one decision for the whole batch, from its mean error
             err = err.mean(0, keepdim=True).expand_as(err)
@@ -779,9 +769,7 @@ def lr_at(step: int, steps: int, warmup: int, base: float) -> float:
 
 
 def autocast_for(cfg: Config, device: torch.device):
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
 
 
 def task_logits(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, router: int) -> torch.Tensor:
@@ -861,8 +849,7 @@ def warn_once(message: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def eval_route(cfg: Config, task: int, trained_upto: int) -> int | None:
-    """Router for the test images of `task` when no selector decides: None = untouched CLIP. Per-task
-    routers without --ddas use the known task id (an oracle)."""
+    """The router of `task`'s test images without DDAS (None: the untouched CLIP); per-task: the task id, an oracle."""
     if cfg.method == "zeroshot" or (cfg.routers == "per-task" and task > trained_upto):
         return None
     return task if cfg.routers == "per-task" else 0
@@ -977,8 +964,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
 
 
 def routing_rates(sent: list, t: int) -> dict:
-    """From evaluate()'s counts: the share of test images of learned tasks (j <= t) sent to their own
-    router, and of later tasks (j > t) sent to the untouched CLIP."""
+    """The share of learned tasks' test images sent to their own router, and of later tasks' to the untouched CLIP."""
     own = sum(s[j + 1] for j, s in enumerate(sent[:t + 1])) / max(sum(map(sum, sent[:t + 1])), 1)
     later = [s for s in sent[t + 1:] if s is not None]
     to_clip = sum(s[0] for s in later) / sum(map(sum, later)) if later else None
@@ -1006,13 +992,11 @@ def continual_metrics(A: list, n: list, t: int) -> dict:
 
 
 def mtil_metrics(matrix) -> dict:
-    """MTIL summary of an accuracy matrix A (row i = model after task i, column j = data set j, in
-    training order; spec 6.2, as ZSCL's notebook):
+    """MTIL summary of an accuracy matrix A (row i: after task i, column j: data set j; spec 6.2, as ZSCL's notebook):
       transfer = mean_{j>=1} mean_{i<j} A[i][j]   (the strict upper triangle: before data set j is learned)
       avg      = mean of all entries
       last     = mean of the last row
-    Unweighted over the data sets; the per-task rows' acc / avg_acc weigh the seen data sets by their test
-    images (the class-incremental formulas), so the two are never to be compared."""
+    Unweighted over the data sets; the rows' acc / avg_acc weigh them by their test images: never to be compared."""
     A = np.asarray(matrix, dtype=np.float64)
     transfer = float(np.mean([A[:j, j].mean() for j in range(1, A.shape[1])])) if A.shape[1] > 1 else float("nan")
     return {"transfer": transfer, "avg": float(A.mean()), "last": float(A[-1].mean())}
@@ -1035,8 +1019,7 @@ def summary_line(state: dict, kind: str, partial: bool = False) -> str:
 
 
 def write_metrics(out: str, state: dict, n_tasks: int, kind: str = "cil") -> None:
-    """metrics.jsonl (one row per task, then the summary when the run is complete) and
-    accuracy_matrix.csv, rewritten whole from the saved state each time."""
+    """metrics.jsonl (a row per task, then the summary of a complete run) and accuracy_matrix.csv, rewritten whole."""
     rows = [json.dumps(r) for r in state["rows"]]
     if len(state["rows"]) == n_tasks:  # the summary, and the evaluation work of the whole run
         rows.append(json.dumps(summary_of(state, kind) | state.get("stats", {})))
@@ -1249,8 +1232,7 @@ def to_rgb(image):  # a module-level function, so DataLoader workers can pickle 
 
 
 def transforms(resolution: int):
-    """CLIP's preprocessing (spec 1). Train: RandomResizedCrop(scale 0.9-1, bicubic), no flip; eval:
-    Resize + CenterCrop. Both end in CLIP's normalisation."""
+    """CLIP's preprocessing (spec 1): RandomResizedCrop(scale 0.9-1, bicubic), no flip; eval: Resize + CenterCrop."""
     import torchvision.transforms as T
     bicubic, tail = T.InterpolationMode.BICUBIC, [to_rgb, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     return (T.Compose([T.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=bicubic)] + tail),
@@ -1409,7 +1391,6 @@ DATA_FILES = {
     "SUN397": ("SUN397", "ClassName.txt"),
     "TinyImageNet": ("tiny-imagenet-200", "wnids.txt train val/val_annotations.txt val/images"),
 }
-MTIL_FOLDERS = {name: DATA_FILES[name][0].split("/")[0] for name in MTIL_ORDER_I}  # each data set's own folder
 BY_HAND = {  # what --download cannot fetch
     "StanfordCars": "torchvision can no longer download it: place it there by hand (README, MTIL data)",
     "TinyImageNet": "unpack http://cs231n.stanford.edu/tiny-imagenet-200.zip into --data-root",
@@ -1472,8 +1453,8 @@ def torchvision_split(D, name: str, root: str, split: str, transform, download: 
     if name == "Food":
         return D.Food101(root, split=split, transform=transform, download=download)
     if name == "OxfordPet":
-        split = "trainval" if split == "train" else "test"
-        return D.OxfordIIITPet(root, split=split, transform=transform, download=download)
+        return D.OxfordIIITPet(root, split="trainval" if split == "train" else "test", transform=transform,
+                               download=download)
     # StanfordCars: torchvision refuses download=True whatever is on disk (its URL is gone)
     return D.StanfordCars(root, split=split, transform=transform, download=False)
 
@@ -1592,25 +1573,22 @@ def render_shapes(pairs: torch.Tensor, gen: torch.Generator, size: int = 32, sty
     return (img - mean) / std
 
 
-def draw_synthetic(per_class: int, gen: torch.Generator, styled_splits: list | None = None):
-    """per_class images of every continual class, labelled by class index: (TensorDataset, labels). With
-    styled_splits [(style, (lo, hi))], the classes lo..hi-1 are drawn in that style."""
-    pairs = torch.tensor(SYNTHETIC_TASK_CLASSES)
-    labels = torch.arange(len(pairs)).repeat_interleave(per_class)
-    images = render_shapes(pairs[labels], gen) if styled_splits is None else torch.cat(
-        [render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
-         for style, (lo, hi) in styled_splits])
-    return torch.utils.data.TensorDataset(images, labels), labels.numpy()
-
-
 def load_synthetic(cfg: Config) -> Benchmark:
     """The continual part of the synthetic world, drawn once from a fixed seed. synthetic-mtil: one task per rendering
     style, each with 8 classes of its own (the class-incremental tasks), classified among its own classes as in MTIL."""
     mtil = cfg.dataset == "synthetic-mtil"
     gen = torch.Generator().manual_seed(4321 if mtil else 1234)
     splits = even_splits(len(SYNTHETIC_TASK_CLASSES), cfg.tasks)
-    styled = list(zip(SYN_STYLES, splits)) if mtil else None
-    (train, ytr), (test, yte) = (draw_synthetic(n, gen, styled) for n in (SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS))
+    pairs, drawn = torch.tensor(SYNTHETIC_TASK_CLASSES), []
+    for per_class in (SYN_TRAIN_PER_CLASS, SYN_TEST_PER_CLASS):  # the training images, then the test images
+        labels = torch.arange(len(pairs)).repeat_interleave(per_class)
+        if mtil:  # the classes of task t drawn in the t-th rendering style
+            images = torch.cat([render_shapes(pairs[labels[(labels >= lo) & (labels < hi)]], gen, style=style)
+                                for style, (lo, hi) in zip(SYN_STYLES, splits)])
+        else:
+            images = render_shapes(pairs[labels], gen)
+        drawn.append((torch.utils.data.TensorDataset(images, labels), labels.numpy()))
+    (train, ytr), (test, yte) = drawn
     domains = dict(kind="mtil", templates=[SYN_TEMPLATES] * len(SYN_STYLES), task_names=list(SYN_STYLES))
     return Benchmark([syn_name(p) for p in SYNTHETIC_TASK_CLASSES], splits, train, test, ytr, yte,
                      **(domains if mtil else {}))
@@ -1755,8 +1733,7 @@ def preflight(cfg: Config) -> Benchmark:
 # ------------------------------------------------------------------------------------------------
 
 def atomic_save(path: str, write) -> None:
-    """write(path + '.tmp'), then rename it over path: a crash mid-write never leaves a half-written file. A full
-    disk stops the run in one line; the previous file is kept and the partial .tmp removed."""
+    """write(path.tmp), then rename it over path: a crash or a full disk never leaves a half-written file."""
     try:
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -1828,18 +1805,15 @@ def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: T
     """read_checkpoint, then restore the trainable state, the DDAS autoencoders and the RNG states."""
     ckpt = read_checkpoint(path, cfg)
     missing, unexpected = [], []
-    try:
+    try:  # a checkpoint of an older version of this file can have other names or shapes
         if model is not None:
             missing, unexpected = model.load_state_dict(ckpt["trainable"], strict=False)
-    except RuntimeError:  # shapes differ
+        if selector is not None:
+            selector.load_state_dict(ckpt["ddas"])
+    except RuntimeError:
         unexpected = ["?"]
     if unexpected or any(".moe." in k for k in missing):
-        raise UsageError(f"{path} does not match this model's adapters: {CHECKPOINT_FIX}")
-    if selector is not None:
-        try:
-            selector.load_state_dict(ckpt.get("ddas", {}))
-        except RuntimeError:
-            raise UsageError(f"{path} does not match this run's DDAS autoencoders: {CHECKPOINT_FIX}") from None
+        raise UsageError(f"{path} does not match this run's adapters or DDAS autoencoders: {CHECKPOINT_FIX}")
     set_rng_states(ckpt["rng"])
     return ckpt
 
@@ -1848,9 +1822,8 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv", "config.js
 
 
 def output_folder(cfg: Config) -> tuple[str, list]:
-    """The run's folder (default runs/<dataset>-<tasks>-<method>-<date-time>) and the run files already in it.
-    Refused before any work: a folder that holds a run, without --resume or --overwrite; --resume without a
-    checkpoint, or with one of another configuration. Writes nothing."""
+    """The run's folder (default runs/<dataset>-<tasks>-<method>-<date-time>) and its run files; refused before any
+    work: a folder that holds a run (without --resume or --overwrite), a missing or foreign checkpoint to resume."""
     out = cfg.output_dir
     if not out:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1885,8 +1858,7 @@ def build_model(cfg: Config, n_tasks: int, device) -> tuple:
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     model.to(device)
-    selector = TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None
-    return model, selector
+    return model, (TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None)
 
 
 def run_label(cfg: Config) -> str:
@@ -1928,7 +1900,7 @@ def run(cfg: Config, verbose: bool = True) -> dict:
             write_metrics(out, state, T, bench.kind)
             if len(state["rows"]) == T:
                 say(f"{out} is complete: {summary_line(state, bench.kind)}")
-                return summary(state, cfg, bench, model, out)
+                return summary(state, bench.kind, out)
             say(f"resuming {out} after task {len(state['rows'])} of {T}")
         say(f"{run_label(cfg)}: writing to {out}")
         if selector is not None and cfg.ddas_reference and not bool(selector.trained[T]):
@@ -1952,7 +1924,7 @@ def run(cfg: Config, verbose: bool = True) -> dict:
             say(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}")
         write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
         say(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}")
-        return summary(state, cfg, bench, model, out)
+        return summary(state, bench.kind, out)
     except KeyboardInterrupt as e:  # main() turns it into one line and the command that resumes
         e.where = (len(state["rows"]), T, out)
         raise
@@ -1970,13 +1942,11 @@ def save_task(out: str, cfg: Config, impl: str, state: dict, model, selector, be
                 os.remove(os.path.join(out, f))
 
 
-def summary(state: dict, cfg: Config, bench: Benchmark, model: nn.Module, out: str) -> dict:
-    """What main() returns for a run: the headline numbers, the accuracy matrix, the rows and the routes."""
+def summary(state: dict, kind: str, out: str) -> dict:
+    """What main() returns for a run: the headline numbers, the accuracy matrix, the rows and the last routes."""
     last = state["rows"][-1]
-    return {**summary_of(state, bench.kind), **{k: last[k] for k in ("forgetting", "bwt", "fwt")},
-            "accuracy_matrix": state["matrix"], "method": cfg.method, "dataset": cfg.dataset,
-            "tasks": len(bench.splits), "routing": routing_note(cfg), "routes": last.get("routes"),
-            "rows": state["rows"], "output_dir": out, "trainable_params": parameter_table(model)["trainable_params"]}
+    return {**summary_of(state, kind), **{k: last[k] for k in ("forgetting", "bwt", "fwt")},
+            "accuracy_matrix": state["matrix"], "rows": state["rows"], "routes": last.get("routes"), "output_dir": out}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1985,8 +1955,7 @@ def summary(state: dict, cfg: Config, bench: Benchmark, model: nn.Module, out: s
 # ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, one flag per Config field, grouped as the fields are; the help text is the field's
-    comment and its default, and the header's commands come at the end."""
+    """One flag per Config field, grouped as the fields are, with its comment and default as help; commands last."""
     comments, group = {}, "what to run"
     try:  # a comment line in Config names a group; the comment beside a field is its help
         source = inspect.getsource(Config).splitlines()[2:]
@@ -2066,10 +2035,6 @@ def indivisible_tasks(c: Config) -> str:
         ", ".join(divisors)
 
 
-def is_file(path: str) -> bool:  # a path flag that names something other than a folder
-    return os.path.exists(path) and not os.path.isdir(path)
-
-
 ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, they are refused
     **dict.fromkeys(("shots", "order", "dataset_lr"), ("--dataset mtil", lambda c: c.dataset == "mtil")),
     "download": ("a real data set", lambda c: not c.dataset.startswith("synthetic")),
@@ -2084,17 +2049,13 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
      "per rendering style: drop --tasks"),
     (lambda c: c.dataset == "mtil" and c.tasks != 11, "--dataset mtil is 11 data sets, one task each: drop --tasks"),
     (lambda c: N_CLASSES[c.dataset] % c.tasks, indivisible_tasks),
-    (lambda c: c.clip_model.startswith("RN"), "--clip-model {c.clip_model} is a ResNet: MoE-Adapters needs a ViT CLIP"),
-    (lambda c: c.clip_model not in CHOICES["clip_model"], "unknown --clip-model {c.clip_model!r}: use one of "
-     + ", ".join(CHOICES["clip_model"])),
+    (lambda c: c.clip_model not in CHOICES["clip_model"], "--clip-model {c.clip_model!r} is not a ViT CLIP the clip "
+     "package knows (MoE-Adapters needs a ViT): use one of " + ", ".join(CHOICES["clip_model"])),
     (lambda c: c.dataset.startswith("synthetic") and c.clip_model != "tiny", "--dataset {c.dataset} needs --clip-model "
      "tiny (its images are 32x32)"),
     (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"), "--clip-model tiny is built and "
      "pretrained here; --clip-weights takes only 'random' with it"),
     (lambda c: not formats_name(c.prompt), "--prompt must contain one {{}} for the class name, got {c.prompt!r}"),
-    (lambda c: is_file(c.output_dir), "--output-dir {c.output_dir} is a file, not a folder"),
-    (lambda c: is_file(c.clip_cache), "--clip-cache {c.clip_cache} is a file, not a folder"),
-    (lambda c: is_file(c.data_root), "--data-root {c.data_root} is a file, not a folder"),
     (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among per-task "
      "routers: use it with --routers per-task (e.g. --preset full)"),
     (lambda c: c.ddas_threshold != "auto" and not in_range(number(c.ddas_threshold), "(0, inf)"),
@@ -2113,8 +2074,7 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
 
 
 def validate(cfg: Config, given: dict | tuple = ()) -> None:
-    """Refuse, in one line each, a number out of its BOUNDS, every case of RULES, and a flag given that does
-    nothing in this setting (ACTS_ONLY_WITH)."""
+    """Refuse in one line a number out of its BOUNDS, each case of RULES, a flag given that does nothing here."""
     for name, interval in BOUNDS.items():
         if not in_range(getattr(cfg, name), interval):
             raise UsageError(f"--{name.replace('_', '-')} must be in {interval}, got {getattr(cfg, name)}")
@@ -2126,37 +2086,33 @@ def validate(cfg: Config, given: dict | tuple = ()) -> None:
             raise UsageError(f"--{name.replace('_', '-')} does nothing without {ACTS_ONLY_WITH[name][0]}: drop it")
 
 
-def run_config(out: str, ckpt: dict, overrides: dict) -> Config:
-    """The configuration of the run in `out`: its config.json, what its checkpoint computed with (which wins),
-    and the run-only flags given now (--device, --clip-cache, ...)."""
+def saved_run(args: dict, flag: str) -> tuple:
+    """The run in --output-dir, for --resume and --predict: (its configuration, its checkpoint). The configuration is
+    what the checkpoint computed with, config.json for the rest, and the run-only flags given now (--device,
+    --clip-cache, ...); a flag given now that contradicts the checkpoint is refused by name."""
+    out = os.path.expanduser(args.get("output_dir") or "")
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        raise UsageError(f"{flag}: no checkpoint.pt in {out or 'the --output-dir, none given'} (a run saves it after "
+                         f"its first task): name the folder of a run with --output-dir, or start one without {flag}")
+    if args.get("overwrite"):
+        raise UsageError(f"{flag} and --overwrite contradict each other: pick one")
+    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
+    for k, v in args.items():
+        v = os.path.expanduser(v) if k in PATH_FLAGS and v else v
+        if v is not None and k in ckpt["config"] and v != ckpt["config"][k]:
+            raise UsageError(f"--{k.replace('_', '-')} {v!r} contradicts the run in {out}, which has "
+                             f"{ckpt['config'][k]!r}: drop the flag ({flag} takes the run's own settings)")
     try:
         saved = json.loads(pathlib.Path(out, "config.json").read_text())
     except (OSError, ValueError):
         saved = {}
     names = {f.name for f in fields(Config)}
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
-    values |= {k: v for k, v in overrides.items() if k in RUN_ONLY_FIELDS and v is not None}
+    values |= {k: v for k, v in args.items() if k in RUN_ONLY_FIELDS and v is not None}
     values |= {name: os.path.expanduser(values[name]) for name in PATH_FLAGS}
-    cfg = Config(**values | dict(output_dir=out, resume=False, overwrite=False, dry_run=False))
+    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False, dry_run=False))
     validate(cfg)
-    return cfg
-
-
-def resume_config(args: dict) -> Config:
-    """--resume --output-dir D: the run's configuration comes from its checkpoint; a flag given now that
-    contradicts it is refused by name (flags that change nothing computed, such as --device, may differ)."""
-    out = os.path.expanduser(args["output_dir"])
-    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
-    if args.get("overwrite"):
-        raise UsageError("--resume and --overwrite contradict each other: pick one")
-    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
-    for k, v in args.items():
-        v = os.path.expanduser(v) if k in PATH_FLAGS and v else v
-        if v is not None and k in ckpt["config"] and v != ckpt["config"][k]:
-            raise UsageError(f"--{k.replace('_', '-')} {v!r} contradicts the run in {out}, which has "
-                             f"{ckpt['config'][k]!r}: drop the flag (--resume takes the run's own settings)")
-    return dataclasses.replace(run_config(out, ckpt, args), resume=True)
+    return cfg, ckpt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2164,8 +2120,7 @@ def resume_config(args: dict) -> Config:
 # ------------------------------------------------------------------------------------------------
 
 def dry_run(cfg: Config) -> dict:
-    """Build the model with random weights (counting needs none), print the settings the command runs with and
-    the parameter table, and stop. Reads no data, writes nothing."""
+    """Build the model with random weights, print the settings and the parameter table, stop. Reads no data."""
     seed_everything(cfg.seed)
     model = load_clip(cfg, weights="random")
     if cfg.method != "zeroshot":
@@ -2177,9 +2132,8 @@ def dry_run(cfg: Config) -> dict:
         dim = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]
         h = cfg.ddas_hidden
         table["ddas_autoencoders"] = (n_tasks_total(cfg) + int(cfg.ddas_reference)) * (2 * dim * h + h + dim)
-    routers = n_routers(cfg) if cfg.experts > 1 else 0
     print(f"{cfg.clip_model}, preset {cfg.preset}, method {cfg.method}: {cfg.experts} experts, top-{cfg.top_k}, "
-          f"{routers} router(s) per block")
+          f"{n_routers(cfg) if cfg.experts > 1 else 0} router(s) per block")
     changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(Config, k)]
     print("  settings that differ from Config's defaults: " + ", ".join(changed))
     for k, v in table.items():
@@ -2197,8 +2151,7 @@ DEMO_SEEDS = (0, 1, 2)  # every trained method runs with each; zeroshot trains n
 
 
 def run_demo(args: dict) -> dict:
-    """Offline demo: both synthetic benchmarks with the tiny CLIP, the methods side by side, each trained method
-    with 3 seeds (mean ± sample std), one run after another: a line per run, then the two tables."""
+    """The offline demo: both synthetic benchmarks, the methods side by side, 3 seeds each: a line per run, tables."""
     if args.get("dry_run") or args.get("resume"):
         raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -2260,14 +2213,8 @@ def predict(args: dict, paths: list) -> dict:
     run has learned (MTIL: the chosen task's; the untouched CLIP: all learned ones). Prints each image's route
     and top 5, writes RUN/predictions.jsonl and returns {"predictions": [{"image", "route", "top5"}, ...]}."""
     from PIL import Image
-    out = os.path.expanduser(args.get("output_dir") or "")
-    if not out or not os.path.isdir(out):
-        raise UsageError(f"--predict needs --output-dir RUN, the folder of a trained run; {out or 'none'} is not one")
-    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        raise UsageError(f"--predict: {out} holds no checkpoint.pt (a run saves it after its first task): "
-                         f"train there first, or name another --output-dir")
-    ckpt = read_checkpoint(os.path.join(out, "checkpoint.pt"), None)
-    cfg, problems, images = run_config(out, ckpt, args), [], []
+    cfg, ckpt = saved_run(args, "--predict")
+    out, problems, images = cfg.output_dir, [], []
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -2316,8 +2263,7 @@ def predict(args: dict, paths: list) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The one dispatcher: --predict, the demo, --dry-run or a run. Bad input ends in one line and exit code 2;
-    Ctrl-C in one line with the command that resumes, exit code 130."""
+    """The one dispatcher: --predict, the demo, --dry-run or a run. Bad input: one line, exit 2; Ctrl-C: exit 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = vars(build_parser().parse_args(argv))
@@ -2326,7 +2272,7 @@ def main(argv: list[str] | None = None) -> dict:
             return predict(args, images)
         if demo:
             return run_demo(args)
-        cfg = resume_config(args) if args.get("resume") and args.get("output_dir") else resolve_config(args)
+        cfg = saved_run(args, "--resume")[0] if args.get("resume") and args.get("output_dir") else resolve_config(args)
         return dry_run(cfg) if cfg.dry_run else run(cfg)
     except UsageError as e:  # raised in a DataLoader worker, the message ends that worker's traceback: its last line
         fail(str(e).strip().splitlines()[-1].split("UsageError: ")[-1])
