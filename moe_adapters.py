@@ -28,6 +28,7 @@ training one task, evaluation and metrics; then the data, checkpoints, the task 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import errno
@@ -293,8 +294,7 @@ class MoEAdapter(nn.Module):
         self.register_buffer("frozen", torch.zeros(E, dtype=torch.bool))   # activate-freeze set, grows only
         self.E, self.k, self.R, self.scale, self.p = E, top_k, R, scale, dropout
         self.impl, self.eval_noise, self.freeze_top = impl, eval_noise, freeze_top
-        self.train_router = None   # router trained in the current task; the others are kept fixed
-        self._snapshot = None
+        self.fixed = []            # what must not move this task: (parameter, its values, 1.0 on its fixed rows)
 
     # -- noisy top-k gating (Shazeer et al. 2017; spec 2.3) ----------------------------------------
     def gate(self, c: torch.Tensor, route: torch.Tensor):
@@ -331,26 +331,17 @@ class MoEAdapter(nn.Module):
         return base + MIXTURES[self.impl](*args).to(base.dtype)
 
     # -- activate-freeze (spec 3) ---------------------------------------------------------------
-    def begin_task(self, router: int) -> None:
-        """Reset the usage counts and remember what must not move during this task: the frozen experts
-        and every router except `router`. Exactness is enforced by restore_fixed() after each step."""
-        self.usage.zero_()
-        self.train_router = router
-        keep = bool(self.frozen.any()) or (self.R > 1 and self.E > 1)
-        self._snapshot = {n: p.detach().clone() for n, p in self.named_parameters()} if keep else None
-
     @torch.no_grad()
-    def restore_fixed(self) -> None:
-        """Copy frozen experts and other tasks' routers back bitwise, whatever the optimizer did
-        (weight decay and Adam moments can move a row whose gradient is zero)."""
-        if self._snapshot is None:
-            return
+    def begin_task(self, router: int) -> None:
+        """Reset the usage counts and remember what must not move during this task: the frozen experts and every
+        router except `router`. restore_fixed() puts them back after each step."""
+        self.usage.zero_()
+        other_routers = (torch.arange(self.R, device=self.usage.device) != router).float()
+        self.fixed = []
         for n, p in self.named_parameters():
-            if n in ("w_gate", "w_noise"):
-                fixed = torch.arange(self.R, device=p.device) != self.train_router
-            else:
-                fixed = self.frozen
-            p.copy_(torch.where(fixed.view(-1, *[1] * (p.dim() - 1)), self._snapshot[n], p))  # no host sync
+            rows = other_routers if n in ("w_gate", "w_noise") else self.frozen.float()
+            if rows.any():
+                self.fixed.append((p, p.detach().clone(), rows.view(-1, *[1] * (p.dim() - 1))))
 
     @torch.no_grad()
     def freeze_most_used(self) -> None:
@@ -599,15 +590,15 @@ class FusedMixture(torch.autograd.Function):
         (L, N, D), K, R = x.shape, idx.shape[1], w_down.shape[2]
         flat, dt = idx.reshape(-1), h.dtype
         gy_n, x_n = gy.transpose(0, 1).to(dt), x.transpose(0, 1)                       # [N, L, d]
+        gsum = gy.sum(0, dtype=torch.float32)                                           # [N, d], in fp32
         wd = w_down.index_select(0, flat).view(N, K, D, R).permute(0, 2, 1, 3).reshape(N, D, K * R)
         wu = w_up.index_select(0, flat).view(N, K * R, D)                               # per-sample weights
         bu = b_up.index_select(0, flat).view(N, K, D)
         s = (ctx.scale * w).to(dt).repeat_interleave(R, dim=1)                          # gate of each column
         dhg = torch.bmm(gy_n, wu.transpose(1, 2))                                       # dL/d(h * s)
-        gsum = gy_n.sum(1)                                                              # [N, d]
-        dw = ctx.scale * ((h * dhg).view(N, L, K, R).sum((1, 3)) + torch.einsum("nd,nkd->nk", gsum, bu))
+        dw = ctx.scale * ((h * dhg).view(N, L, K, R).sum((1, 3)) + torch.einsum("nd,nkd->nk", gsum, bu.float()))
         d_wu = torch.bmm((h * s[:, None]).transpose(1, 2), gy_n).view(N * K, R, D)
-        d_bu = ((ctx.scale * w).to(dt)[:, :, None] * gsum[:, None]).view(N * K, D)
+        d_bu = ((ctx.scale * w).float()[:, :, None] * gsum[:, None]).view(N * K, D)
         da = dhg * s[:, None] * (h > 0) / (1 - ctx.p_drop)                              # through dropout+relu
         d_wd = torch.bmm(x_n.transpose(1, 2), da).view(N, D, K, R).transpose(1, 2).reshape(N * K, D, R)
         dx = torch.bmm(da, wd.transpose(1, 2)).transpose(0, 1)
@@ -615,16 +606,17 @@ class FusedMixture(torch.autograd.Function):
         def scatter(like, g):  # the gradients of each sample's k experts, summed into the stacked tensor
             return torch.zeros_like(like).index_add_(0, flat, g.to(like.dtype))
 
-        return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, da.sum(1).view(N * K, R)),
+        d_bd = da.sum(1, dtype=torch.float32).view(N * K, R)
+        return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, d_bd),
                 scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None, None)
 
 
 def mixture_triton(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base=None):
-    """Same as mixture_loop (x [L, N, d], idx/w [N, k]); returns base + mixture if base is given.
-    Under autocast (--amp) the operands are cast to bf16; accumulation stays fp32."""
+    """Same as mixture_loop (x [L, N, d], idx/w [N, k]); returns base + mixture if base is given. Under autocast
+    (--amp) the operands of the two matrix products are cast to bf16; biases, gates and accumulation stay fp32."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    x, w_down, b_down, w_up, b_up = (t.to(dtype) for t in (x, w_down, b_down, w_up, b_up))  # autograd-aware casts
+    x, w_down, w_up = (t.to(dtype) for t in (x, w_down, w_up))  # autograd-aware casts
     inputs = (x, w, w_down, b_down, w_up, b_up, base)
     store_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)  # for a backward
     return FusedMixture.apply(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base, store_h)
@@ -637,9 +629,12 @@ def resolve_impl(cfg: Config) -> str:
     """auto: the fused kernel on a CUDA GPU of compute capability 7.0 on, when triton imports; else batched."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
-    device = resolve_device(cfg)
-    gpu = triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
-    return "triton" if gpu and cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN else "batched"
+    fits = cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
+    return "triton" if kernel_gpu(resolve_device(cfg)) and fits else "batched"
+
+
+def kernel_gpu(device: torch.device) -> bool:  # a CUDA GPU the kernel compiles for, and triton to compile it
+    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -713,12 +708,6 @@ def alexnet_conv5(cfg: Config) -> nn.Module:
     return net.features[:-2].eval().requires_grad_(False)
 
 
-def forever(loader):
-    """The loader's batches, epoch after epoch."""
-    while True:
-        yield from loader
-
-
 def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device, iters: int | None = None,
                  epoch_batches: int | None = None) -> None:
     """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps of the
@@ -728,7 +717,7 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
     iters, epoch_batches = iters or cfg.ddas_iters, epoch_batches or len(loader)
     ae = selector.autoencoders[slot].train()
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
-    batches = forever(loader)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # the loader's batches, epoch after epoch
     name = "reference autoencoder" if slot >= selector.n_tasks else f"DDAS autoencoder {slot + 1}"
     for step in progress(range(iters + 1), name):
         if cfg.ddas_step_lr:
@@ -788,9 +777,18 @@ def train_step(model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tens
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    for a in adapters(model):
-        a.restore_fixed()
+    restore_fixed(model)
     return loss
+
+
+@torch.no_grad()
+def restore_fixed(model: nn.Module) -> None:
+    """Put frozen experts and other tasks' routers back bitwise, whatever the optimizer did (weight decay, moments):
+    p = lerp(p, saved, 1 on the fixed rows, 0 elsewhere), exact at both weights, for every adapter in one call."""
+    fixed = [entry for a in adapters(model) for entry in a.fixed]
+    if fixed:
+        params, saved, rows = zip(*fixed)
+        torch._foreach_lerp_(params, saved, rows)
 
 
 def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, device: torch.device) -> None:
@@ -803,13 +801,14 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
                                                    num_workers=cfg.workers, pin_memory=device.type == "cuda")
 
     template = bench.templates[task][0]                                 # MTIL: the data set's first template
-    tokens = tokenize([template.format(name) for name in bench.class_names[lo:hi]], device)  # current classes
+    prompts = [template.format(name) for name in bench.class_names[lo:hi]]  # the current classes
+    tokens = tokenize(prompts, device, ARCHS[cfg.clip_model][5])
     router = task if cfg.routers == "per-task" else 0
     for a in adapters(model):
         a.begin_task(router)
     base_lr = bench.lrs[task] if cfg.dataset_lr and bench.lrs else cfg.lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, foreach=True)  # a few multi-tensor operations a step
     steps = cfg.iterations or math.ceil(len(images) / cfg.batch_size) * cfg.epochs
     model.train()
     data = batches()
@@ -1424,11 +1423,12 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
     """(train set, test set, class names) of one MTIL data set, its split as spec 9.1 gives it."""
     import torchvision.datasets as D
     if name in ("Caltech101", "EuroSAT", "SUN397"):  # one folder, split 80/20 with seed 42
-        train, test = (getattr(D, name)(root, transform=tf, download=download) for tf in (train_tf, test_tf))
+        train = getattr(D, name)(root, transform=train_tf, download=download)
         if name == "SUN397":  # rglob lists files in the file system's order: sort, so the split is the same anywhere
-            for ds in (train, test):
-                files = sorted(zip(ds._image_files, ds._labels), key=lambda item: str(item[0]))
-                ds._image_files, ds._labels = [f for f, _ in files], [y for _, y in files]
+            files = sorted(zip(train._image_files, train._labels), key=lambda item: str(item[0]))
+            train._image_files, train._labels = [f for f, _ in files], [y for _, y in files]
+        test = copy.copy(train)  # the same files, listed once, with the test transform
+        test.transform = test_tf
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(42)).tolist()
         n_train = int(0.8 * len(train))
         names = {"Caltech101": CALTECH101_NAMES, "EuroSAT": EUROSAT_NAMES}.get(name) or class_names(train)
@@ -1751,7 +1751,7 @@ def atomic_write(path: str, text: str) -> None:
     atomic_save(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-CHECKPOINT_FORMAT = "moe-adapters-checkpoint-v1"
+CHECKPOINT_FORMAT = "moe-adapters-checkpoint-v2"  # v1: before the balancing loss went
 CHECKPOINT_FIX = "start afresh with another --output-dir (or --overwrite this one)"
 
 
@@ -1822,8 +1822,8 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "accuracy_matrix.csv", "config.js
 
 
 def output_folder(cfg: Config) -> tuple[str, list]:
-    """The run's folder (default runs/<dataset>-<tasks>-<method>-<date-time>) and its run files; refused before any
-    work: a folder that holds a run (without --resume or --overwrite), a missing or foreign checkpoint to resume."""
+    """The run's folder (default runs/<dataset>-<tasks>-<method>-<date-time>) and its run files; a folder that holds a
+    run is refused before any work without --resume (saved_run has checked its checkpoint) or --overwrite."""
     out = cfg.output_dir
     if not out:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1832,11 +1832,7 @@ def output_folder(cfg: Config) -> tuple[str, list]:
         while os.path.exists(out):
             out, i = f"{base}-{i}", i + 1
     saved = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if cfg.resume:
-        if "checkpoint.pt" not in saved:
-            raise UsageError(f"--resume: no checkpoint.pt in {out}: run without --resume to start this run")
-        read_checkpoint(os.path.join(out, "checkpoint.pt"), cfg)  # a foreign checkpoint, before any download
-    elif saved and not cfg.overwrite:
+    if saved and not cfg.resume and not cfg.overwrite:
         resume = "add --resume to continue it, " if "checkpoint.pt" in saved else ""
         raise UsageError(f"{out} already holds a run ({', '.join(saved)}): {resume}--overwrite to replace it, "
                          f"or choose another --output-dir")
@@ -1885,14 +1881,14 @@ def run(cfg: Config, verbose: bool = True) -> dict:
     if not saved:  # mark a new run's folder at once, so that a second run there is refused
         os.makedirs(out, exist_ok=True)
         write_config(out, cfg, impl)
-    model, selector = build_model(cfg, T, device)
-    trained = model if cfg.method != "zeroshot" else None  # what the checkpoint holds
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic"):
         print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
               file=sys.stderr)
     # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
     state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
     try:
+        model, selector = build_model(cfg, T, device)
+        trained = model if cfg.method != "zeroshot" else None  # what the checkpoint holds
         if cfg.resume:
             ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"), trained, cfg, selector)
             state = {k: ckpt[k] for k in state}
@@ -1925,7 +1921,9 @@ def run(cfg: Config, verbose: bool = True) -> dict:
         write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
         say(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}")
         return summary(state, bench.kind, out)
-    except KeyboardInterrupt as e:  # main() turns it into one line and the command that resumes
+    except BaseException as e:  # an error or Ctrl-C (main() names the task and the command that resumes)
+        if not saved and not state["rows"]:  # stopped before its first checkpoint: the folder holds no run again
+            os.remove(os.path.join(out, "config.json"))
         e.where = (len(state["rows"]), T, out)
         raise
 
@@ -2063,10 +2061,11 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.ddas_all_autoencoders and c.ddas_threshold == "auto", "--ddas-all-autoencoders: untrained "
      "autoencoders have no calibrated threshold for --ddas-threshold auto: give a number (the authors: 0.0655)"),
     (lambda c: c.resume and c.overwrite, "--resume and --overwrite contradict each other: pick one"),
+    (lambda c: c.resume and not c.output_dir, "--resume needs --output-dir RUN, the folder of the run to continue"),
     (lambda c: c.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no CUDA device is visible"),
     (lambda c: c.moe_impl == "triton" and triton is None, "--moe-impl triton: triton is not installed: use batched"),
-    (lambda c: c.moe_impl == "triton" and resolve_device(c).type != "cuda" and not TRITON_INTERPRET, "--moe-impl "
-     "triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter): use --moe-impl batched"),
+    (lambda c: c.moe_impl == "triton" and not (kernel_gpu(resolve_device(c)) or TRITON_INTERPRET), "--moe-impl "
+     "triton needs a CUDA GPU of compute capability 7.0 on (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)"),
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
@@ -2155,7 +2154,7 @@ def run_demo(args: dict) -> dict:
     if args.get("dry_run") or args.get("resume"):
         raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = args.get("output_dir") or os.path.join("runs", f"demo-{stamp}")
+    base = os.path.expanduser(args.get("output_dir") or os.path.join("runs", f"demo-{stamp}"))
     pretrained_tiny_clip(resolve_config(dict(args, dataset="synthetic")))  # before the timed runs that share it
     results = {}
     for ds, runs in DEMO_RUNS.items():
@@ -2278,7 +2277,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail(str(e).strip().splitlines()[-1].split("UsageError: ")[-1])
     except OSError as e:  # a file this run writes: a read-only folder, a file in the way, a name too long
         fail(f"cannot write {e.filename} ({e.strerror}): fix that or choose another --output-dir; what was saved "
-             f"before is kept")
+             f"before is kept" if e.filename else f"{type(e).__name__}: {e}")
     except KeyboardInterrupt as e:
         done, T, out = getattr(e, "where", (0, 0, ""))
         if out and os.path.isfile(os.path.join(out, "checkpoint.pt")):
