@@ -304,22 +304,17 @@ class MoEAdapter(nn.Module):
         use = (route >= 0).to(c.dtype)[:, None]                          # [N, 1]
         if self.E == 1:  # a single adapter: gate 1 (the fine-tuning baseline has no router)
             return torch.zeros(N, 1, dtype=torch.long, device=c.device), use
-        H = self.router_logits(c, self.w_gate, route)                    # H = c W_g^t            [N, E]
+        c, r = c.unsqueeze(1), route.clamp(min=0)                        # [N, 1, d], each sample's router
+        H = torch.bmm(c, self.w_gate.index_select(0, r)).squeeze(1)      # H = c W_g[route]^t       [N, E]
         if self.training or self.eval_noise:
-            sigma = F.softplus(self.router_logits(c, self.w_noise, route)) + 0.01  # sigma = softplus(c W_n^t) + 0.01
-            H = H + torch.randn_like(H) * sigma                          # H~ = H + eps * sigma
+            noise_logits = torch.bmm(c, self.w_noise.index_select(0, r)).squeeze(1)
+            H = H + torch.randn_like(H) * (F.softplus(noise_logits) + 0.01)  # H~ = H + eps (softplus(c W_n^t) + 0.01)
         top, idx = H.topk(self.k, dim=1)                                 # K = TopK(H~)
         w = torch.softmax(top, dim=1) * use                              # G = softmax over the top-k only
-        if self.training:  # usage counts for activate-freeze stay on the device (no .item() per block)
-            with torch.no_grad():
-                self.usage.index_add_(0, idx.flatten(), (use > 0).long().expand(N, self.k).flatten())
+        if self.training:  # usage counts for activate-freeze, on the device (training routes every sample)
+            chosen = idx.flatten()
+            self.usage.index_add_(0, chosen, torch.ones_like(chosen))
         return idx, w
-
-    def router_logits(self, c: torch.Tensor, W: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        """c_n W[route_n] for every sample n, [N, E]: all R routers in one product, then each sample's own."""
-        N, d = c.shape
-        every_router = (c @ W.permute(1, 0, 2).reshape(d, self.R * self.E)).view(N, self.R, self.E)
-        return every_router[torch.arange(N, device=c.device), route.clamp(min=0)]
 
     def forward(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """x: [L, N, d] block state after attention, base: the block's output. Returns
@@ -468,18 +463,15 @@ def mixture_loop(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
 def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
     L, N, d = x.shape
     k, r = idx.shape[1], w_down.shape[2]
-    # each sample's k experts; index_select rather than w[idx], whose backward is not deterministic on the CPU
-
-    def take(t):
-        return t.index_select(0, idx.flatten()).view(N, k, *t.shape[1:])
-
-    Wd = take(w_down).permute(0, 2, 1, 3).reshape(N, d, k * r)         # the k experts side by side
-    h = torch.bmm(x.transpose(0, 1), Wd) + take(b_down).reshape(N, 1, k * r)  # [N, L, k*r]
+    chosen = idx.flatten()  # each sample's k experts: index_select, as w_up[idx] has a non-deterministic CPU backward
+    Wd = w_down.index_select(0, chosen).view(N, k, d, r).permute(0, 2, 1, 3).reshape(N, d, k * r)  # side by side
+    h = torch.bmm(x.transpose(0, 1), Wd) + b_down.index_select(0, chosen).view(N, 1, k * r)  # [N, L, k*r]
     h = F.dropout(F.relu(h), p_drop, training=p_drop > 0)
-    h = h * w.repeat_interleave(r, dim=1)[:, None, :]                   # gate each expert's hidden units
-    out = torch.bmm(h, take(w_up).reshape(N, k * r, d))                 # sums over the k experts: [N, L, d]
-    out = out + (w[:, :, None] * take(b_up)).sum(1)[:, None, :]         # + sum_k G_k b_up
-    return scale * out.transpose(0, 1)                                  # [L, N, d]
+    g = scale * w                                                        # s G, the gates with the scale
+    h = (h.view(N, L, k, r) * g.view(N, 1, k, 1)).view(N, L, k * r)      # gate each expert's hidden units
+    out = torch.bmm(h, w_up.index_select(0, chosen).view(N, k * r, d))   # sums over the k experts: [N, L, d]
+    out = out + (g[:, :, None] * b_up.index_select(0, chosen).view(N, k, d)).sum(1, keepdim=True)  # + sum s G b_up
+    return out.transpose(0, 1)                                          # [L, N, d]
 
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests, no GPU)
@@ -588,25 +580,25 @@ class FusedMixture(torch.autograd.Function):
     def backward(ctx, gy):
         x, idx, w, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
         (L, N, D), K, R = x.shape, idx.shape[1], w_down.shape[2]
-        flat, dt = idx.reshape(-1), h.dtype
-        gy_n, x_n = gy.transpose(0, 1).to(dt), x.transpose(0, 1)                       # [N, L, d]
+        chosen, dt = idx.flatten(), h.dtype
+        G, x_n = gy.transpose(0, 1).to(dt), x.transpose(0, 1)                         # [N, L, d]
         gsum = gy.sum(0, dtype=torch.float32)                                           # [N, d], in fp32
-        wd = w_down.index_select(0, flat).view(N, K, D, R).permute(0, 2, 1, 3).reshape(N, D, K * R)
-        wu = w_up.index_select(0, flat).view(N, K * R, D)                               # per-sample weights
-        bu = b_up.index_select(0, flat).view(N, K, D)
-        s = (ctx.scale * w).to(dt).repeat_interleave(R, dim=1)                          # gate of each column
-        dhg = torch.bmm(gy_n, wu.transpose(1, 2))                                       # dL/d(h * s)
-        dw = ctx.scale * ((h * dhg).view(N, L, K, R).sum((1, 3)) + torch.einsum("nd,nkd->nk", gsum, bu.float()))
-        d_wu = torch.bmm((h * s[:, None]).transpose(1, 2), gy_n).view(N * K, R, D)
-        d_bu = ((ctx.scale * w).float()[:, :, None] * gsum[:, None]).view(N * K, D)
-        da = dhg * s[:, None] * (h > 0) / (1 - ctx.p_drop)                              # through dropout+relu
-        d_wd = torch.bmm(x_n.transpose(1, 2), da).view(N, D, K, R).transpose(1, 2).reshape(N * K, D, R)
+        g = ctx.scale * w.float()                                                       # s G, [N, K]
+        g4, h4 = g.to(dt).view(N, 1, K, 1), h.view(N, L, K, R)                          # per expert's hidden units
+        wu = w_up.index_select(0, chosen).view(N, K * R, D)                             # per-sample weights
+        dh = torch.bmm(G, wu.transpose(1, 2)).view(N, L, K, R)                          # dL/d(s G h)
+        bu = b_up.index_select(0, chosen).view(N, K, D).float()
+        dw = ctx.scale * ((h4 * dh).sum((1, 3), dtype=torch.float32) + (bu * gsum[:, None]).sum(2))
+        d_wu = torch.bmm((h4 * g4).view(N, L, K * R).transpose(1, 2), G)                # [N, K*r, d]
+        da = (dh * g4 * (h4 > 0) / (1 - ctx.p_drop)).view(N, L, K * R)                  # through dropout and ReLU
+        d_wd = torch.bmm(x_n.transpose(1, 2), da).view(N, D, K, R).transpose(1, 2)      # [N, K, d, r]
+        wd = w_down.index_select(0, chosen).view(N, K, D, R).permute(0, 2, 1, 3).reshape(N, D, K * R)
         dx = torch.bmm(da, wd.transpose(1, 2)).transpose(0, 1)
 
-        def scatter(like, g):  # the gradients of each sample's k experts, summed into the stacked tensor
-            return torch.zeros_like(like).index_add_(0, flat, g.to(like.dtype))
+        def scatter(like, grads):  # the gradients of each sample's k experts, summed into the stacked tensor
+            return torch.zeros_like(like).index_add_(0, chosen, grads.reshape(N * K, *like.shape[1:]).to(like.dtype))
 
-        d_bd = da.sum(1, dtype=torch.float32).view(N * K, R)
+        d_bd, d_bu = da.sum(1, dtype=torch.float32), g[:, :, None] * gsum[:, None]
         return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, d_bd),
                 scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None, None)
 
@@ -808,7 +800,7 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         a.begin_task(router)
     base_lr = bench.lrs[task] if cfg.dataset_lr and bench.lrs else cfg.lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                            weight_decay=cfg.weight_decay, foreach=True)  # a few multi-tensor operations a step
+                            weight_decay=cfg.weight_decay, fused=True)  # one operation a step
     steps = cfg.iterations or math.ceil(len(images) / cfg.batch_size) * cfg.epochs
     model.train()
     data = batches()
