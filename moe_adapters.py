@@ -265,6 +265,14 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
     return model
 
 
+def frozen_in_bf16(model: nn.Module) -> None:
+    """--amp: CLIP's frozen weights in bf16 once, not cast by autocast at every call (LayerNorms, experts stay fp32)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and ".moe." not in name and name != "logit_scale" and id(t) not in norms:
+            t.data = t.data.bfloat16()
+
+
 # ------------------------------------------------------------------------------------------------
 # Experts and routers (spec 2). One MoEAdapter per residual block and tower holds E stacked experts,
 # one router per task, the block's expert-usage counts and its frozen set.
@@ -300,10 +308,9 @@ class MoEAdapter(nn.Module):
     def gate(self, c: torch.Tensor, route: torch.Tensor):
         """c: [N, d] router input (token 0 after attention), route: [N] router id, -1 = bypass.
         Returns idx [N, k] (chosen experts) and w [N, k] (their gates, 0 for bypassed samples)."""
-        N = c.shape[0]
         use = (route >= 0).to(c.dtype)[:, None]                          # [N, 1]
         if self.E == 1:  # a single adapter: gate 1 (the fine-tuning baseline has no router)
-            return torch.zeros(N, 1, dtype=torch.long, device=c.device), use
+            return torch.zeros(len(c), 1, dtype=torch.long, device=c.device), use
         c, r = c.unsqueeze(1), route.clamp(min=0)                        # [N, 1, d], each sample's router
         H = torch.bmm(c, self.w_gate.index_select(0, r)).squeeze(1)      # H = c W_g[route]^t       [N, E]
         if self.training or self.eval_noise:
@@ -358,7 +365,7 @@ class MoEBlock(nn.Module):
     def __init__(self, block: nn.Module, adapter: MoEAdapter):
         super().__init__()
         self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2
-        self.attn_mask = block.attn_mask
+        self.register_buffer("attn_mask", block.attn_mask, persistent=False)  # moves with the model (text: causal)
         self.moe = adapter
         self.route = None  # [N] router id per sample for the current call (-1 = untouched CLIP), or None
 
@@ -461,8 +468,7 @@ def mixture_loop(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
 
 
 def mixture_batched(x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop):
-    L, N, d = x.shape
-    k, r = idx.shape[1], w_down.shape[2]
+    (L, N, d), k, r = x.shape, idx.shape[1], w_down.shape[2]
     chosen = idx.flatten()  # each sample's k experts: index_select, as w_up[idx] has a non-deterministic CPU backward
     Wd = w_down.index_select(0, chosen).view(N, k, d, r).permute(0, 2, 1, 3).reshape(N, d, k * r)  # side by side
     h = torch.bmm(x.transpose(0, 1), Wd) + b_down.index_select(0, chosen).view(N, 1, k * r)  # [N, L, k*r]
@@ -659,7 +665,8 @@ class TaskSelector(nn.Module):
     def features(self, x: torch.Tensor, model=None) -> torch.Tensor:
         if self.kind == "alexnet":  # CLIP-normalised input, as the authors (quirk Q14)
             return torch.sigmoid(self.extractor[0].to(x.device)(x).flatten(1))
-        e = encode_images(model if model is not None else self.clip[0], x, None).float()
+        with autocast_for(self.cfg, x.device):
+            e = encode_images(model if model is not None else self.clip[0], x, None).float()
         return torch.sigmoid(math.sqrt(e.shape[1]) * F.normalize(e, dim=-1))
 
     def errors(self, f: torch.Tensor) -> torch.Tensor:
@@ -1846,6 +1853,8 @@ def build_model(cfg: Config, n_tasks: int, device) -> tuple:
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     model.to(device)
+    if cfg.amp:
+        frozen_in_bf16(model)
     return model, (TaskSelector(cfg, model, n_tasks).to(device) if cfg.ddas else None)
 
 
@@ -1874,8 +1883,7 @@ def run(cfg: Config, verbose: bool = True) -> dict:
         os.makedirs(out, exist_ok=True)
         write_config(out, cfg, impl)
     if cfg.device == "auto" and device.type == "cpu" and not cfg.dataset.startswith("synthetic"):
-        print("warning: no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)",
-              file=sys.stderr)
+        warn_once("no CUDA device visible, running on the CPU (expect hours per task on ViT-B/16)")
     # clip_text: the untouched CLIP's class embeddings, which never change: encoded once per run
     state = {"matrix": [], "counts": [], "rows": [], "stats": {"eval_images": 0, "eval_prompts": 0}, "clip_text": {}}
     try:
@@ -2239,7 +2247,9 @@ def predict(args: dict, paths: list) -> dict:
             r = selector.select(x)
         else:
             r = torch.full((len(x),), -1 if fixed is None else fixed, device=device)
-        for path, q, f in zip(paths, r.tolist(), F.normalize(encode_images(model, x, r).float(), dim=-1)):
+        with autocast_for(cfg, device):
+            features = F.normalize(encode_images(model, x, r).float(), dim=-1)
+        for path, q, f in zip(paths, r.tolist(), features):
             tasks = [q] if bench.kind == "mtil" and q >= 0 else list(range(t + 1))
             text = class_embeddings(model, bench, None if q < 0 else q, device, cfg, tasks)
             top = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0).topk(min(5, len(text)))
