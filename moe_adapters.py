@@ -398,8 +398,6 @@ def adapters(model: nn.Module) -> list[MoEAdapter]:
 def routed(model: nn.Module, route: torch.Tensor | None):
     """Hand one call's per-sample routes to every block (an argument of the call, never a global)."""
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
-    if route is not None and bool((route < 0).all()):
-        route = None  # every sample goes to the untouched CLIP: skip the mixture entirely
     for b in blocks:
         b.route = route
     try:
@@ -898,6 +896,8 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
 def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for) -> torch.Tensor:
     """Logits of images x over the candidate classes; image i goes through router r[i] (-1 or r None: the
     untouched CLIP) and is compared with the class embeddings text_for(route) made with the same router."""
+    if r is not None and bool((r < 0).all()):  # every image to the untouched CLIP: skip the mixture entirely
+        r = None
     with autocast_for(cfg, x.device):
         img = F.normalize(encode_images(model, x, r).float(), dim=-1)
     if r is None:

@@ -2098,6 +2098,39 @@ def test_amp_keeps_the_frozen_clip_in_bf16_so_autocast_casts_none_of_its_weights
     assert moved and all(".moe." in n for n in moved), moved
 
 
+class HostReads(TorchDispatchMode):
+    """Records every operation that reads a tensor's value back to the host (on a GPU: waits for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_to_the_host():
+    """With `batched` (and the kernel, which shares its host code) a training step (forward, loss, backward, AdamW,
+    the restore of the fixed rows) never waits for the device, so a GPU's next step can be queued while it runs.
+    (The loop asks which samples chose each expert, and so does wait.)"""
+    cfg = tiny_cfg(preset="full")
+    _, model = tiny_adapted_clip(cfg)
+    randomise_adapters(model)
+    for a in M.adapters(model):
+        a.begin_task(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    images, tokens = sample_inputs()
+    model.train()
+    for impl, waits in (("batched", False), ("loop", True)):
+        for a in M.adapters(model):
+            a.impl = impl
+        with HostReads() as reads:
+            M.train_step(model, opt, cfg, images, torch.tensor([0, 1, 2, 3, 4, 0]), tokens, 1)
+        assert bool(reads.ops) == waits, (impl, reads.ops[:5])
+
+
 @needs_triton
 def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     cfg = tiny_cfg(preset="full", adapter_dropout=0.0)
