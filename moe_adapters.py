@@ -948,10 +948,8 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
             else:
                 r = None if fixed is None else torch.full((len(x),), fixed, device=device)
             logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
-            if r is None:
-                tally[2] += len(x)
-            else:
-                tally[2:] += torch.bincount(r + 1, minlength=len(tally) - 2)
+            dest = torch.zeros(len(x), dtype=torch.long, device=device) if r is None else r + 1  # 0: untouched CLIP
+            tally[2:].index_add_(0, dest, torch.ones_like(dest))  # (bincount would wait for the GPU)
             tally[0] += (logits.argmax(1) + lo == y).sum()
             tally[1] += len(y)
         correct, n, where = tally[0].item(), tally[1].item(), tally[2:].tolist()

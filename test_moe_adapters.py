@@ -2671,18 +2671,22 @@ def ops_of(fn) -> int:
     return count.n
 
 
-def interleaved(fns: dict, device: torch.device, rounds: int = 11) -> dict:
+def interleaved(fns: dict, device: torch.device, rounds: int = 11, host: dict | None = None) -> dict:
     """Median milliseconds of each fn, called in turn round after round (the first round warms up), so that
-    drift in the machine's speed hits every candidate of a ratio alike."""
+    drift in the machine's speed hits every candidate of a ratio alike. `host` receives the median time until fn
+    returns, before waiting for the GPU: the host's share (on the CPU, everything)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {k: [] for k in fns}
+    times, issued = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             sync()
             start = time.perf_counter()
             fn()
+            issued[k].append(1000 * (time.perf_counter() - start))
             sync()
             times[k].append(1000 * (time.perf_counter() - start))
+    if host is not None:
+        host |= {k: float(np.median(v[1:])) for k, v in issued.items()}
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
@@ -2730,12 +2734,13 @@ def bench(argv: list) -> dict:
         M.train_step(model, opts[experts], cfg, images[:batch], y[:batch], tokens, 0)
 
     model.eval()
+    host = {}  # the host's share of each time: how long until the call returns, before waiting for the GPU
     ms = interleaved({"frozen_forward": lambda: forward(None)} | {
-        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device)
+        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device, host=host)
     model.train()
-    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in sets}, device)
+    ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in sets}, device, host=host)
     if B > 64:  # the MTIL step: batch 64
-        ms |= interleaved({"train_step_22_experts_batch_64": lambda: step(22, 64)}, device)
+        ms |= interleaved({"train_step_22_experts_batch_64": lambda: step(22, 64)}, device, host=host)
     ops = {"frozen_forward": ops_of(lambda: forward(None)), "adapted_forward": ops_of(lambda: forward(auto)),
            "train_step": ops_of(lambda: step(22))}
     d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
@@ -2749,7 +2754,7 @@ def bench(argv: list) -> dict:
     ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
-              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms, "ops": ops,
+              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms, "host_ms": host, "ops": ops,
               "train_step_ops": ops["train_step"],
               "ops_ratio_adapted_vs_frozen_forward": ops["adapted_forward"] / ops["frozen_forward"],
               "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
@@ -2759,7 +2764,8 @@ def bench(argv: list) -> dict:
     result["targets_met"] = {k: None if result[k] is None else (result[k] <= v if how == "max" else result[k] >= v)
                              for k, (v, how) in BENCH_TARGETS.items()}
     lines = [f"{'what (' + result['device'] + ', batch ' + str(B) + ')':<44}{'ms':>10}"]
-    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()] + [f"{k + ' (aten ops)':<44}{v:>10}" for k, v in ops.items()]
+    lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()] + [f"{k + ' (host)':<44}{v:>10.2f}" for k, v in host.items()]
+    lines += [f"{k + ' (aten ops)':<44}{v:>10}" for k, v in ops.items()]
     lines += [
         f"{k:<44}{'n/a (no CUDA)' if result[k] is None else format(result[k], '.2f'):>10}   target "
         f"{'<=' if how == 'max' else '>='} {v}" for k, (v, how) in BENCH_TARGETS.items()]
@@ -2794,6 +2800,9 @@ def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path, mon
     assert b["targets_met"]["step_ratio_22_vs_2_experts"] == (b["step_ratio_22_vs_2_experts"] <= 1.10)
     # host work counted in aten operations: the adapters add to the frozen forward, the step (with its backward and
     # the optimizer) is more than a forward, and the ratio and targets follow from the counts
+    host = b["host_ms"]  # the time until each call returns: on the CPU about all of it, never more
+    assert set(host) == set(ms) - {"mixture_22_experts_loop", "mixture_22_experts_batched"}
+    assert all(0 < host[k] <= ms[k] for k in host), (host, ms)
     ops = b["ops"]
     assert set(ops) == {"frozen_forward", "adapted_forward", "train_step"}
     assert 0 < ops["frozen_forward"] < ops["adapted_forward"] < ops["train_step"] == b["train_step_ops"], ops
