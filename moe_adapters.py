@@ -318,9 +318,8 @@ class MoEAdapter(nn.Module):
             H = H + torch.randn_like(H) * (F.softplus(noise_logits) + 0.01)  # H~ = H + eps (softplus(c W_n^t) + 0.01)
         top, idx = H.topk(self.k, dim=1)                                 # K = TopK(H~)
         w = torch.softmax(top, dim=1) * use                              # G = softmax over the top-k only
-        if self.training:  # usage counts for activate-freeze, on the device (training routes every sample)
-            chosen = idx.flatten()
-            self.usage.index_add_(0, chosen, torch.ones_like(chosen))
+        if self.training:  # usage counts for activate-freeze, on the device: each routed sample's k experts
+            self.usage.index_add_(0, idx.flatten(), (w > 0).flatten().long())
         return idx, w
 
     def forward(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -341,20 +341,19 @@ def test_gate_eval_noise_quirk_adds_noise_in_eval_without_counting_usage():
     assert int(a.usage.sum()) == 0
 
 
-def test_gate_usage_counts_k_per_sample_in_training_only():
+def test_gate_usage_counts_k_per_routed_sample_in_training_only():
     a = gate_adapter()
     a.eval()
     a.gate(C, ROUTE)
     assert torch.equal(a.usage, torch.zeros(4, dtype=torch.long))
     a.train()
-    route = ROUTE.clamp(min=0)  # training routes every sample to the task's router
     total = torch.zeros(4, dtype=torch.long)
     for seed in (0, 1):
         torch.manual_seed(seed)
-        idx, _ = a.gate(C, route)
-        total += torch.bincount(idx.flatten(), minlength=4)
+        idx, _ = a.gate(C, ROUTE)
+        total += torch.bincount(idx[ROUTE >= 0].flatten(), minlength=4)
         assert torch.equal(a.usage, total)
-    assert int(a.usage.sum()) == 2 * 2 * len(route)  # k per sample, two calls
+    assert int(a.usage.sum()) == 2 * 2 * int((ROUTE >= 0).sum())  # k per non-bypassed sample, two calls
     a.eval()
     a.gate(C, ROUTE)
     assert torch.equal(a.usage, total)
