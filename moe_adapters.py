@@ -813,7 +813,8 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
         x, y = next(data)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
-        loss = train_step(model, opt, cfg, x.to(device, non_blocking=True), (y - lo).to(device), tokens, router)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - lo  # from pinned memory: no wait
+        loss = train_step(model, opt, cfg, x, y, tokens, router)
         if not bool(torch.isfinite(loss)):  # (one host sync per step) the adapters are lost: stop, keep the checkpoint
             raise UsageError(f"the training loss became {loss.item()} at step {step + 1} of task {task + 1} (lr "
                              f"{opt.param_groups[0]['lr']:.3g}): lower --lr or --adapter-scale; the checkpoint of "

@@ -2753,7 +2753,8 @@ def bench(argv: list) -> dict:
     ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
-              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms, "host_ms": host, "ops": ops,
+              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms,
+              "host_ms": host, "ops": ops,
               "train_step_ops": ops["train_step"],
               "ops_ratio_adapted_vs_frozen_forward": ops["adapted_forward"] / ops["frozen_forward"],
               "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
