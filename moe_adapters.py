@@ -601,7 +601,8 @@ class FusedMixture(torch.autograd.Function):
         def scatter(like, grads):  # the gradients of each sample's k experts, summed into the stacked tensor
             return torch.zeros_like(like).index_add_(0, chosen, grads.reshape(N * K, *like.shape[1:]).to(like.dtype))
 
-        d_bd, d_bu = da.sum(1, dtype=torch.float32), g[:, :, None] * gsum[:, None]
+        d_bd = da.sum(1, dtype=torch.float32)                                           # [N, K*r]
+        d_bu = g[:, :, None] * gsum[:, None]                                            # [N, K, d]
         return (dx, None, dw.to(w.dtype), scatter(w_down, d_wd), scatter(b_down, d_bd),
                 scatter(w_up, d_wu), scatter(b_up, d_bu), None, None, gy if ctx.has_base else None, None)
 

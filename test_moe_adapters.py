@@ -2046,16 +2046,16 @@ def test_fused_kernel_under_autocast_computes_in_bf16_and_adds_to_the_fp32_strea
     assert float((b_up - b_up_loop).abs().max()) <= 1e-5 * float(b_up_loop.abs().max())
 
 
-class CastsOf(TorchDispatchMode):
-    """Records the id of every tensor that a dtype cast (aten._to_copy) reads."""
+class Dispatched(TorchDispatchMode):
+    """Records (operation, id of its first argument) for every dispatched aten operation among `watched`."""
 
-    def __init__(self):
+    def __init__(self, *watched):
         super().__init__()
-        self.read = set()
+        self.watched, self.seen = watched, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default:
-            self.read.add(id(args[0]))
+        if func in self.watched:
+            self.seen.append((str(func), id(args[0])))
         return func(*args, **(kwargs or {}))
 
 
@@ -2079,10 +2079,11 @@ def test_amp_keeps_the_frozen_clip_in_bf16_so_autocast_casts_none_of_its_weights
     frozen = {m: {id(p) for n, p in m.named_parameters() if ".moe." not in n} for m in (fp32, amp)}
     out = {}
     for m in (fp32, amp):
-        with CastsOf() as casts, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with Dispatched(torch.ops.aten._to_copy.default) as casts, torch.no_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
             out[m] = [F.normalize(M.encode_images(m, images, route_i).float(), dim=-1),
                       F.normalize(M.encode_texts(m, tokens, route_t).float(), dim=-1)]
-        cast_frozen = casts.read & frozen[m]
+        cast_frozen = {read for _, read in casts.seen} & frozen[m]
         assert bool(cast_frozen) == (m is fp32), len(cast_frozen)  # the fp32 model's weights are cast every call
     for a, b in zip(out[fp32], out[amp]):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=0)
@@ -2095,19 +2096,6 @@ def test_amp_keeps_the_frozen_clip_in_bf16_so_autocast_casts_none_of_its_weights
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainable)
     moved = [n for n, p in amp.named_parameters() if not torch.equal(p, before[n])]
     assert moved and all(".moe." in n for n in moved), moved
-
-
-class HostReads(TorchDispatchMode):
-    """Records every operation that reads a tensor's value back to the host (on a GPU: waits for it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_a_training_step_reads_nothing_back_to_the_host():
@@ -2125,9 +2113,10 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     for impl, waits in (("batched", False), ("loop", True)):
         for a in M.adapters(model):
             a.impl = impl
-        with HostReads() as reads:
+        # the operations that read a value back to the host (on a GPU: wait for it)
+        with Dispatched(torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) as reads:
             M.train_step(model, opt, cfg, images, torch.tensor([0, 1, 2, 3, 4, 0]), tokens, 1)
-        assert bool(reads.ops) == waits, (impl, reads.ops[:5])
+        assert bool(reads.seen) == waits, (impl, reads.seen[:5])
 
 
 @needs_triton
