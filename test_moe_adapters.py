@@ -591,6 +591,23 @@ def test_evaluate_follows_the_class_incremental_protocol(small_synthetic, tmp_pa
         assert accs[j] == pytest.approx(100.0 * int((pred == y).sum()) / len(y), abs=1e-9), j
 
 
+
+def test_loader_workers_start_once_per_task_and_once_per_evaluation(small_synthetic, tmp_path, monkeypatch):
+    """Training reads a task through one loader (not one per epoch) and an evaluation reads every test set it needs
+    through one loader (not one per set), whose batches never span two test sets."""
+    started, real_iter = [], torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda loader: started.append(loader) or
+                        real_iter(loader))
+    M.main(SMALL_RUN_ARGS + ["--epochs", "3", "--no-ddas", "--eval-batch-size", "7", "--output-dir", str(tmp_path)])
+    evals = [ld for ld in started if isinstance(ld.dataset, torch.utils.data.ConcatDataset)]
+    assert len(started) - len(evals) == 4  # 4 tasks of 3 epochs (and the extra step): a loader each
+    assert [len(ld.dataset.datasets) for ld in evals] == [2, 3, 4, 4]  # after task t: the test sets of tasks <= t+1
+    for ld in evals:
+        ends = ld.dataset.cumulative_sizes
+        owners = [(np.searchsorted(ends, b[0], "right"), np.searchsorted(ends, b[-1], "right"))
+                  for b in ld.batch_sampler]
+        assert all(first == last for first, last in owners) and len(owners) > len(ends)
+
 def test_learning_rate_warmup_then_cosine_to_zero_at_the_extra_step():
     assert M.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert M.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
