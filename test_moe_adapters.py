@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import re
@@ -591,14 +592,19 @@ def test_evaluate_follows_the_class_incremental_protocol(small_synthetic, tmp_pa
         assert accs[j] == pytest.approx(100.0 * int((pred == y).sum()) / len(y), abs=1e-9), j
 
 
-
 def test_loader_workers_start_once_per_task_and_once_per_evaluation(small_synthetic, tmp_path, monkeypatch):
     """Training reads a task through one loader (not one per epoch) and an evaluation reads every test set it needs
-    through one loader (not one per set), whose batches never span two test sets."""
+    through one loader (not one per set), whose batches never span two test sets; no worker outlives the run."""
     started, real_iter = [], torch.utils.data.DataLoader.__iter__
-    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda loader: started.append(loader) or
-                        real_iter(loader))
-    M.main(SMALL_RUN_ARGS + ["--epochs", "3", "--no-ddas", "--eval-batch-size", "7", "--output-dir", str(tmp_path)])
+
+    def counted_iter(loader):
+        started.append(loader)
+        return real_iter(loader)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", counted_iter)
+    M.main(SMALL_RUN_ARGS + ["--epochs", "3", "--no-ddas", "--eval-batch-size", "7", "--workers", "1",
+                             "--output-dir", str(tmp_path)])
+    assert multiprocessing.active_children() == []
     evals = [ld for ld in started if isinstance(ld.dataset, torch.utils.data.ConcatDataset)]
     assert len(started) - len(evals) == 4  # 4 tasks of 3 epochs (and the extra step): a loader each
     assert [len(ld.dataset.datasets) for ld in evals] == [2, 3, 4, 4]  # after task t: the test sets of tasks <= t+1
@@ -606,7 +612,10 @@ def test_loader_workers_start_once_per_task_and_once_per_evaluation(small_synthe
         ends = ld.dataset.cumulative_sizes
         owners = [(np.searchsorted(ends, b[0], "right"), np.searchsorted(ends, b[-1], "right"))
                   for b in ld.batch_sampler]
-        assert all(first == last for first, last in owners) and len(owners) > len(ends)
+        assert all(first == last for first, last in owners)
+        assert len(owners) > len(ends)  # batches of 7 would span two sets if nothing kept them apart
+        assert sorted(i for b in ld.batch_sampler for i in b) == list(range(len(ld.dataset)))  # each image once
+
 
 def test_learning_rate_warmup_then_cosine_to_zero_at_the_extra_step():
     assert M.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
@@ -1212,6 +1221,15 @@ def test_mtil_tables_follow_the_spec():
         (1000, 64, 0.2, 100, 22, True)
     assert M.resolve_config({"dataset": "mtil", "shots": 5}).iterations == 500
     assert M.resolve_config({"dataset": "mtil", "lr": 1e-3}).dataset_lr is False
+
+
+def test_synthetic_multi_domain_label_smoothing_only_under_its_mtil_preset():
+    smoothing = lambda **args: M.resolve_config(args).label_smoothing
+    assert smoothing(dataset="synthetic-mtil") == 0.07  # the demo's, chosen over seeds 0-9 (README)
+    assert smoothing(dataset="synthetic-mtil", method="finetune") == 0.07  # the baselines train alike
+    assert smoothing(dataset="synthetic-mtil", preset="full") == 0.0 and smoothing(dataset="synthetic") == 0.0
+    assert smoothing(dataset="synthetic", preset="mtil") == 0.2
+    assert smoothing(dataset="synthetic-mtil", label_smoothing=0.3) == 0.3  # the flag wins
 
 
 def test_mtil_cifar100_loader_on_fake_data(fake_cifar):
