@@ -131,6 +131,7 @@ class Config:
     label_smoothing: float = 0.0       # cross-entropy label smoothing
     extra_step: bool = True            # quirk Q17: run one step more than an epoch (the last at lr 0), as the authors
     amp: bool = False                  # bf16 autocast on CUDA (the authors run fp32)
+    compile: bool = False              # torch.compile the training forward and backward (compiles at the first steps)
     # run
     seed: int = 0                      # seeds python, numpy and torch
     device: str = "auto"               # auto | cpu | cuda
@@ -175,7 +176,7 @@ METHOD_OVERRIDES = {  # the baselines run in the same loop
 # fields that do not change what a run computes (may differ between a checkpoint and --resume; --workers and
 # --eval-batch-size are not among them: they change how random numbers are drawn)
 RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "device", "data_root", "download", "clip_cache",
-                   "moe_impl"}
+                   "moe_impl", "compile"}
 PATH_FLAGS = ("output_dir", "clip_cache", "clip_weights", "ddas_weights", "data_root")  # "~" expanded in each
 
 
@@ -261,10 +262,7 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
         if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
             raise UsageError(f"--clip-weights {weights} is a {model.visual.input_resolution}-pixel CLIP, not "
                              f"{cfg.clip_model}: pass its --clip-model")
-    model.float().eval()  # fp32 everywhere, as the authors (spec 1)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.float().eval().requires_grad_(False)  # frozen, fp32 everywhere, as the authors (spec 1)
 
 
 def frozen_in_bf16(model: nn.Module) -> None:
@@ -623,11 +621,11 @@ MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_
 
 
 def resolve_impl(cfg: Config) -> str:
-    """auto: the fused kernel on a CUDA GPU of compute capability 7.0 on, when triton imports; else batched."""
+    """auto: the fused kernel on a CUDA GPU of compute capability 7.0 on, with triton; else (or --compile) batched."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     fits = cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
-    return "triton" if kernel_gpu(resolve_device(cfg)) and fits else "batched"
+    return "triton" if kernel_gpu(resolve_device(cfg)) and fits and not cfg.compile else "batched"
 
 
 def kernel_gpu(device: torch.device) -> bool:  # a CUDA GPU the kernel compiles for, and triton to compile it
@@ -766,11 +764,11 @@ def task_logits(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, router:
     return model.logit_scale.exp() * F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).T
 
 
-def train_step(model, opt, cfg: Config, x, y, tokens, router: int) -> torch.Tensor:
-    """Forward, cross-entropy over the task's classes, backward, AdamW, and the frozen experts and other
-    tasks' routers put back bitwise. (The authors compute a load-balancing loss but never add it: spec 2.4.)"""
+def train_step(model, opt, cfg: Config, x, y, tokens, router: int, logits_of=task_logits) -> torch.Tensor:
+    """Forward (logits_of: task_logits, or it compiled), cross-entropy over the task's classes, backward, AdamW, and
+    the fixed rows put back bitwise (restore_fixed). The authors' load-balancing loss is never added (spec 2.4)."""
     with autocast_for(cfg, x.device):
-        logits = task_logits(model, x, tokens, router)
+        logits = logits_of(model, x, tokens, router)
     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -810,13 +808,14 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     model.train()
     data = iter(torch.utils.data.DataLoader(images, batch_sampler=batches(), num_workers=cfg.workers,
                                             pin_memory=device.type == "cuda"))  # workers start once per task
+    logits_of = torch.compile(task_logits) if cfg.compile else task_logits  # (compiled graphs outlive the task)
     bar = progress(range(steps + int(cfg.extra_step)), f"task {task + 1}/{len(bench.splits)}")
     for step in bar:
         x, y = next(data)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - lo  # from pinned memory: no wait
-        loss = train_step(model, opt, cfg, x, y, tokens, router)
+        loss = train_step(model, opt, cfg, x, y, tokens, router, logits_of)
         if not bool(torch.isfinite(loss)):  # (one host sync per step) the adapters are lost: stop, keep the checkpoint
             raise UsageError(f"the training loss became {loss.item()} at step {step + 1} of task {task + 1} (lr "
                              f"{opt.param_groups[0]['lr']:.3g}): lower --lr or --adapter-scale; the checkpoint of "

@@ -2154,6 +2154,32 @@ def test_a_training_step_reads_nothing_back_to_the_host():
         assert bool(reads.seen) == waits, (impl, reads.seen[:5])
 
 
+def test_compiled_training_equals_the_eager_one_bitwise(small_synthetic, monkeypatch):
+    """--compile: dynamo traces the whole training forward (both towers, the gate with per-sample routers and its
+    usage counts, dropout) as one graph, and AOTAutograd its backward. With the compiler's eager backend (the same
+    aten operations, no code generation) a task trained so equals the eager one bitwise, frozen expert included."""
+    cfg = tiny_cfg(preset="full", batch_size=48)  # 96 images a task: two batches an epoch of one shape
+    eager, bench = new_model_and_bench(cfg)
+    for a in M.adapters(eager):
+        a.frozen[0] = True
+    compiled, before = copy.deepcopy(eager), copy.deepcopy(eager)
+    compiles, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: compiles.append(fn) or compile(fn, backend="aot_eager",
+                                                                                         fullgraph=True))
+    for model, c in ((eager, cfg), (compiled, dataclasses.replace(cfg, compile=True))):
+        torch.manual_seed(0)
+        M.train_task(model, c, bench, 1, CPU)
+    assert compiles == [M.task_logits]
+    trained = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    for a, b, start in zip(M.adapters(eager), M.adapters(compiled), M.adapters(before)):
+        assert torch.equal(a.usage, b.usage) and torch.equal(a.frozen, b.frozen) and a.usage.sum() > 0
+        assert torch.equal(b.w_up[0], start.w_up[0]) and not torch.equal(b.w_up[1:], start.w_up[1:])  # it trained
+    monkeypatch.setattr(M, "kernel_gpu", lambda device: True)  # on a GPU, auto picks batched under --compile
+    assert M.resolve_impl(cfg) == "triton" and M.resolve_impl(dataclasses.replace(cfg, compile=True)) == "batched"
+
+
 @needs_triton
 def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     cfg = tiny_cfg(preset="full", adapter_dropout=0.0)
@@ -2732,7 +2758,8 @@ def bench(argv: list) -> dict:
     tokens = M.tokenize([cfg.prompt.format(f"class number {i}") for i in range(C)], device)
     y = torch.randint(C, (B,), generator=gen).to(device)
     print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
-          f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto})", file=sys.stderr)
+          f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto}){', amp' * cfg.amp}"
+          f"{', compiled training step' * cfg.compile}", file=sys.stderr)
     blocks = [m for m in model.modules() if isinstance(m, M.MoEBlock)]
     sets = {e: [M.new_adapter(cfg, b.ln_1.weight.shape[0], auto, e).to(device) for b in blocks] for e in (22, 2)}
     for moe in sets[22] + sets[2]:  # two adapter sets, swapped into the blocks in turn
@@ -2752,9 +2779,11 @@ def bench(argv: list) -> dict:
             M.encode_images(model, images, None if impl is None else torch.zeros(B, dtype=torch.long, device=device))
             M.encode_texts(model, tokens, None if impl is None else torch.zeros(C, dtype=torch.long, device=device))
 
-    def step(experts, batch=B):
+    compiled = torch.compile(M.task_logits) if cfg.compile else M.task_logits  # as train_task
+
+    def step(experts, batch=B, logits_of=compiled):
         use(experts, auto, True)
-        M.train_step(model, opts[experts], cfg, images[:batch], y[:batch], tokens, 0)
+        M.train_step(model, opts[experts], cfg, images[:batch], y[:batch], tokens, 0, logits_of)
 
     model.eval()
     host = {}  # the host's share of each time: how long until the call returns, before waiting for the GPU
@@ -2765,7 +2794,7 @@ def bench(argv: list) -> dict:
     if B > 64:  # the MTIL step: batch 64
         ms |= interleaved({"train_step_22_experts_batch_64": lambda: step(22, 64)}, device, host=host)
     ops = {"frozen_forward": ops_of(lambda: forward(None)), "adapted_forward": ops_of(lambda: forward(auto)),
-           "train_step": ops_of(lambda: step(22))}
+           "train_step": ops_of(lambda: step(22, B, M.task_logits))}  # counted on the eager code (also --compile)
     d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
     x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
     w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
@@ -2777,7 +2806,8 @@ def bench(argv: list) -> dict:
     ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else None
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "clip_model": cfg.clip_model,
-              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "ms": ms,
+              "batch_size": B, "class_prompts": C, "top_k": cfg.top_k, "moe_impl_auto": auto, "amp": cfg.amp,
+              "compile": cfg.compile, "ms": ms,
               "host_ms": host, "ops": ops,
               "train_step_ops": ops["train_step"],
               "ops_ratio_adapted_vs_frozen_forward": ops["adapted_forward"] / ops["frozen_forward"],
