@@ -42,6 +42,7 @@ import os
 import pathlib
 import random
 import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -152,8 +153,7 @@ CHOICES = {"dataset": ["cifar100", "tinyimagenet", "mtil", "synthetic", "synthet
 # given win over all. cil: the authors' class-incremental configuration (spec 5.1, quirk Q5), a dense mixture
 # of 2 experts under one shared router, nothing frozen (batch 64 for CIFAR-100 2-2 and TinyImageNet).
 DATASET_DEFAULTS = {  # the preset each data set starts from, and its number of tasks
-    "cifar100": dict(preset="cil", tasks=10),
-    "tinyimagenet": dict(preset="cil", tasks=10),
+    "cifar100": dict(preset="cil", tasks=10), "tinyimagenet": dict(preset="cil", tasks=10),
     "mtil": dict(preset="mtil", tasks=11),
     "synthetic": dict(preset="cil", tasks=4, clip_model="tiny", epochs=2, lr=1e-2, ddas_iters=50),
     "synthetic-mtil": dict(preset="mtil", tasks=4, clip_model="tiny", epochs=6, lr=5e-3, ddas_iters=150),  # 4 styles
@@ -170,8 +170,7 @@ SYNTHETIC_SCHEDULE = dict(iterations=0, dataset_lr=False, batch_size=64, warmup=
                           ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
     "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),  # one adapter per block
-    "zeroshot": dict(ddas=False),
-    "moe-adapters": dict(),
+    "zeroshot": dict(ddas=False), "moe-adapters": dict(),
 }
 # fields that do not change what a run computes (may differ between a checkpoint and --resume; --workers and
 # --eval-batch-size are not among them: they change how random numbers are drawn)
@@ -1998,8 +1997,7 @@ BOUNDS = {  # the range of every number: [ ] includes the end, ( ) leaves it out
     **dict.fromkeys(("ddas_iters", "ddas_reference_iters"), "[1, 1e8]"),
     **dict.fromkeys(("batch_size", "eval_batch_size", "ddas_hidden"), "[1, 1048576]"),
     **dict.fromkeys(("lr", "ddas_lr"), "(0, inf)"), "weight_decay": "[0, inf)", "ddas_quantile": "(0, 1]",
-    **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"),
-    "adapter_scale": "(-inf, inf)"}  # (finite)
+    **dict.fromkeys(("label_smoothing", "adapter_dropout"), "[0, 1)"), "adapter_scale": "(-inf, inf)"}  # (finite)
 
 
 def in_range(value, interval: str) -> bool:
@@ -2068,6 +2066,8 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
+    (lambda c: c.compile and resolve_device(c).type == "cpu" and not shutil.which("g++"), "--compile on the CPU "
+     "writes C++ kernels and finds no C++ compiler (g++): install g++, or drop --compile"),
 ]
 
 

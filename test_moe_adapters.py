@@ -2180,6 +2180,16 @@ def test_compiled_training_equals_the_eager_one_bitwise(small_synthetic, monkeyp
     assert M.resolve_impl(cfg) == "triton" and M.resolve_impl(dataclasses.replace(cfg, compile=True)) == "batched"
 
 
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
+    """Inductor writes C++ kernels for the CPU: without g++ it would fail at the first step with a traceback."""
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "g++" else which(name))
+    out = tmp_path / "o"
+    assert_usage_error(capsys, FAST + ["--compile", "--device", "cpu", "--output-dir", str(out)], "--compile", "g++")
+    assert not out.exists()
+    M.resolve_config(vars(M.build_parser().parse_args(FAST + ["--device", "cpu"])))  # (validated) eager needs none
+
+
 @needs_triton
 def test_whole_model_triton_equals_batched_forward_and_training_gradients():
     cfg = tiny_cfg(preset="full", adapter_dropout=0.0)
