@@ -132,7 +132,7 @@ class Config:
     label_smoothing: float = 0.0       # cross-entropy label smoothing
     extra_step: bool = True            # quirk Q17: run one step more than an epoch (the last at lr 0), as the authors
     amp: bool = False                  # bf16 autocast on CUDA (the authors run fp32)
-    compile: bool = False              # torch.compile the training forward and backward (compiles at the first steps)
+    compile: bool = False              # torch.compile the training step and the test images' forward (at first use)
     # run
     seed: int = 0                      # seeds python, numpy and torch
     device: str = "auto"               # auto | cpu | cuda
@@ -893,13 +893,13 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
 
 
 @torch.no_grad()
-def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for) -> torch.Tensor:
-    """Logits of images x over the candidate classes; image i goes through router r[i] (-1 or r None: the
-    untouched CLIP) and is compared with the class embeddings text_for(route) made with the same router."""
+def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for, encode=encode_images):
+    """Logits of images x (encoded by encode_images, or it compiled) over the candidate classes; image i goes through
+    router r[i] (-1 or r None: the untouched CLIP), compared with the class embeddings text_for(route) of its router."""
     if r is not None and bool((r < 0).all()):  # every image to the untouched CLIP: skip the mixture entirely
         r = None
     with autocast_for(cfg, x.device):
-        img = F.normalize(encode_images(model, x, r).float(), dim=-1)
+        img = F.normalize(encode(model, x, r).float(), dim=-1)
     if r is None:
         return img @ text_for(None).T
     logits = None
@@ -940,6 +940,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
     loader = torch.utils.data.DataLoader(data, batch_sampler=[b for _, b in batches], num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")  # one loader: its workers start once
     tally = torch.zeros(len(sets), n_routers(cfg) + 3, dtype=torch.long, device=device)  # correct, n, destinations
+    encode = torch.compile(encode_images) if cfg.compile else encode_images  # (graphs kept across evaluations)
     for (x, y), (j, _) in zip(progress(loader, f"evaluation after task {t + 1}"), batches):  # the loader ends it
         tasks = [j] if bench.kind == "mtil" else range(max(t, j) + 1)  # whose classes are the possible answers
         lo, fixed = bench.splits[tasks[0]][0], eval_route(cfg, j, t)
@@ -948,7 +949,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
             r = selector.select(x)                                       # [N], -1 = untouched CLIP
         else:
             r = None if fixed is None else torch.full((len(x),), fixed, device=device)
-        logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks))
+        logits = classify(model, cfg, x, r, lambda q: text_for(q, tasks), encode)
         dest = torch.zeros(len(x), dtype=torch.long, device=device) if r is None else r + 1  # 0: untouched CLIP
         tally[j, 2:].index_add_(0, dest, torch.ones_like(dest))  # (bincount would wait for the GPU)
         tally[j, 0] += (logits.argmax(1) + lo == y).sum()

@@ -2154,10 +2154,11 @@ def test_a_training_step_reads_nothing_back_to_the_host():
         assert bool(reads.seen) == waits, (impl, reads.seen[:5])
 
 
-def test_compiled_training_equals_the_eager_one_bitwise(small_synthetic, monkeypatch):
+def test_compiled_training_and_evaluation_equal_the_eager_ones_bitwise(small_synthetic, monkeypatch):
     """--compile: dynamo traces the whole training forward (both towers, the gate with per-sample routers and its
     usage counts, dropout) as one graph, and AOTAutograd its backward. With the compiler's eager backend (the same
-    aten operations, no code generation) a task trained so equals the eager one bitwise, frozen expert included."""
+    aten operations, no code generation) a task trained so equals the eager one bitwise, frozen expert included,
+    and so do the logits and the accuracy row of the evaluation, whose image forward is compiled too."""
     cfg = tiny_cfg(preset="full", batch_size=48)  # 96 images a task: two batches an epoch of one shape
     eager, bench = new_model_and_bench(cfg)
     for a in M.adapters(eager):
@@ -2169,13 +2170,23 @@ def test_compiled_training_equals_the_eager_one_bitwise(small_synthetic, monkeyp
     for model, c in ((eager, cfg), (compiled, dataclasses.replace(cfg, compile=True))):
         torch.manual_seed(0)
         M.train_task(model, c, bench, 1, CPU)
-    assert compiles == [M.task_logits]
+    assert compiles == [M.task_logits]  # train_task compiles the training forward under --compile
     trained = dict(eager.named_parameters())
     for name, p in compiled.named_parameters():
         assert torch.equal(p, trained[name]), name
     for a, b, start in zip(M.adapters(eager), M.adapters(compiled), M.adapters(before)):
         assert torch.equal(a.usage, b.usage) and torch.equal(a.frozen, b.frozen) and a.usage.sum() > 0
         assert torch.equal(b.w_up[0], start.w_up[0]) and not torch.equal(b.w_up[1:], start.w_up[1:])  # it trained
+    # the test images' forward compiled too: per-image routes (the untouched CLIP, routers 0 and 1) as in eager
+    images, _ = sample_inputs(6)
+    route, text = torch.tensor([-1, 1, 0, 1, -1, 1]), {q: torch.randn(5, 64) for q in (None, 0, 1)}
+    encode = compile(M.encode_images, backend="aot_eager", fullgraph=True)
+    for r in (route, None):
+        assert torch.equal(M.classify(compiled, cfg, images, r, text.get, encode),
+                           M.classify(eager, cfg, images, r, text.get))
+    assert M.evaluate(compiled, dataclasses.replace(cfg, compile=True), bench, 1, CPU) == \
+        M.evaluate(eager, cfg, bench, 1, CPU)
+    assert compiles == [M.task_logits, M.encode_images]  # evaluate compiles the image forward under --compile
     monkeypatch.setattr(M, "kernel_gpu", lambda device: True)  # on a GPU, auto picks batched under --compile
     assert M.resolve_impl(cfg) == "triton" and M.resolve_impl(dataclasses.replace(cfg, compile=True)) == "batched"
 
@@ -2769,7 +2780,7 @@ def bench(argv: list) -> dict:
     y = torch.randint(C, (B,), generator=gen).to(device)
     print(f"benchmarking {cfg.clip_model} on {device} ({torch.get_num_threads()} threads), batch {B}, {C} class "
           f"prompts, top-{cfg.top_k}, impls {', '.join(impls)} (auto = {auto}){', amp' * cfg.amp}"
-          f"{', compiled training step' * cfg.compile}", file=sys.stderr)
+          f"{', compiled training step and image forward' * cfg.compile}", file=sys.stderr)
     blocks = [m for m in model.modules() if isinstance(m, M.MoEBlock)]
     sets = {e: [M.new_adapter(cfg, b.ln_1.weight.shape[0], auto, e).to(device) for b in blocks] for e in (22, 2)}
     for moe in sets[22] + sets[2]:  # two adapter sets, swapped into the blocks in turn
@@ -2783,10 +2794,12 @@ def bench(argv: list) -> dict:
             b.moe, moe.impl = moe, impl
             moe.train(training)
 
-    def forward(impl):  # impl None: every route None, so the blocks run exactly CLIP's frozen code
+    encode = torch.compile(M.encode_images) if cfg.compile else M.encode_images  # as evaluate
+
+    def forward(impl, encode=encode):  # impl None: every route None, so the blocks run exactly CLIP's frozen code
         use(22, impl or auto, False)
         with torch.no_grad(), M.autocast_for(cfg, device):
-            M.encode_images(model, images, None if impl is None else torch.zeros(B, dtype=torch.long, device=device))
+            encode(model, images, None if impl is None else torch.zeros(B, dtype=torch.long, device=device))
             M.encode_texts(model, tokens, None if impl is None else torch.zeros(C, dtype=torch.long, device=device))
 
     compiled = torch.compile(M.task_logits) if cfg.compile else M.task_logits  # as train_task
@@ -2797,14 +2810,16 @@ def bench(argv: list) -> dict:
 
     model.eval()
     host = {}  # the host's share of each time: how long until the call returns, before waiting for the GPU
-    ms = interleaved({"frozen_forward": lambda: forward(None)} | {
-        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in impls}, device, host=host)
+    ms = interleaved({"frozen_forward": lambda: forward(None)} | {  # compiled: auto's alone
+        f"adapted_forward_{impl}": (lambda impl=impl: forward(impl)) for impl in ([auto] if cfg.compile else impls)},
+        device, host=host)
     model.train()
     ms |= interleaved({f"train_step_{e}_experts": (lambda e=e: step(e)) for e in sets}, device, host=host)
     if B > 64:  # the MTIL step: batch 64
         ms |= interleaved({"train_step_22_experts_batch_64": lambda: step(22, 64)}, device, host=host)
-    ops = {"frozen_forward": ops_of(lambda: forward(None)), "adapted_forward": ops_of(lambda: forward(auto)),
-           "train_step": ops_of(lambda: step(22, B, M.task_logits))}  # counted on the eager code (also --compile)
+    ops = {"frozen_forward": ops_of(lambda: forward(None, M.encode_images)),  # counted on the eager code
+           "adapted_forward": ops_of(lambda: forward(auto, M.encode_images)),
+           "train_step": ops_of(lambda: step(22, B, M.task_logits))}
     d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
     x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
     w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
