@@ -185,7 +185,7 @@ def resolve_config(args: dict) -> Config:
     values = dataclasses.asdict(Config())
     ds = given.get("dataset", values["dataset"])
     values.update(DATASET_DEFAULTS[ds])
-    values["preset"] = preset = given.get("preset") or values["preset"]
+    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's
     values.update(PRESETS[preset])
     if ds.startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
@@ -258,9 +258,11 @@ def load_clip(cfg: Config, weights: str | None = None) -> nn.Module:
                              f"pass an OpenAI .pt file as --clip-weights, or 'random'") from None
         if not isinstance(model.visual, clip.model.VisionTransformer):
             raise UsageError("the CLIP checkpoint has a ResNet image tower: MoE-Adapters needs a ViT CLIP")
-        if model.visual.input_resolution != ARCHS[cfg.clip_model][1]:
-            raise UsageError(f"--clip-weights {weights} is a {model.visual.input_resolution}-pixel CLIP, not "
-                             f"{cfg.clip_model}: pass its --clip-model")
+        v = model.visual  # (resolution, layers, width, patch) as in ARCHS
+        shape = (v.input_resolution, v.transformer.layers, v.transformer.width, v.conv1.kernel_size[0])
+        if shape != ARCHS[cfg.clip_model][1:5]:
+            raise UsageError(f"--clip-weights {weights} is a ViT of {shape[0]} pixels, {shape[1]} layers of width "
+                             f"{shape[2]} and patch {shape[3]}, not {cfg.clip_model}: pass its --clip-model")
     return model.float().eval().requires_grad_(False)  # frozen, fp32 everywhere, as the authors (spec 1)
 
 
@@ -811,8 +813,7 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     bar = progress(range(steps + int(cfg.extra_step)), f"task {task + 1}/{len(bench.splits)}")
     for step in bar:
         x, y = next(data)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
+        opt.param_groups[0]["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - lo  # from pinned memory: no wait
         loss = train_step(model, opt, cfg, x, y, tokens, router, logits_of)
         if not bool(torch.isfinite(loss)):  # (one host sync per step) the adapters are lost: stop, keep the checkpoint
@@ -1168,10 +1169,8 @@ class Benchmark:
         """Batches of 64 in one epoch of the task's full training loader (task -1: the reference's images)."""
         if task < 0:
             n = self.reference_full
-        elif self.full_train:
-            n = self.full_train[task]
-        else:
-            n = len(self.subset("train", task))
+        else:  # MTIL counts the images before --shots
+            n = self.full_train[task] if self.full_train else len(self.subset("train", task))
         return max(1, math.ceil(n / batch))
 
     def subset(self, split: str, task: int) -> torch.utils.data.Dataset:
@@ -1213,8 +1212,6 @@ def file_of(ds, i: int) -> str:
     """The file behind item i, through Subsets (CIFAR-100 and MNIST: arrays, none)."""
     if isinstance(ds, torch.utils.data.Subset):
         return file_of(ds.dataset, ds.indices[i])
-    if isinstance(ds, TinyImageNetFolder):
-        return ds.items[i][0]
     if hasattr(ds, "categories") and hasattr(ds, "index"):  # Caltech101 counts image_0001.jpg ... per category
         return os.path.join(ds.root, "101_ObjectCategories", ds.categories[ds.y[i]], f"image_{ds.index[i]:04d}.jpg")
     for attr in ("_image_files", "_images", "samples", "_samples"):
@@ -1265,18 +1262,18 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
         self.wnids = open(os.path.join(base, "wnids.txt")).read().split()
         index = {w: i for i, w in enumerate(TINYIMAGENET_NAMES)}  # the standard wnids.txt order (spec App. B)
         if split == "train":
-            self.items = [(os.path.join(base, "train", w, "images", f), index[w]) for w in self.wnids
-                          for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+            self.samples = [(os.path.join(base, "train", w, "images", f), index[w]) for w in self.wnids
+                            for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
         else:
             rows = [line.split("\t") for line in open(os.path.join(base, "val", "val_annotations.txt")) if line.strip()]
-            self.items = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
-        self.targets = [y for _, y in self.items]
+            self.samples = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
+        self.targets = [y for _, y in self.samples]
 
     def __len__(self):
-        return len(self.items)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        path, y = self.items[i]
+        path, y = self.samples[i]
         return self.transform(self.loader(path)), y
 
 
@@ -1284,7 +1281,7 @@ def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
     base = os.path.join(cfg.data_root, "tiny-imagenet-200")
     try:
         ds = TinyImageNetFolder(base, split, transform)
-    except (OSError, KeyError, IndexError) as e:
+    except (OSError, KeyError, IndexError, UnicodeDecodeError) as e:
         raise UsageError(f"TinyImageNet not found (or incomplete) in {base} ({type(e).__name__}: {e}): unpack "
                          f"http://cs231n.stanford.edu/tiny-imagenet-200.zip into {cfg.data_root}") from None
     if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
@@ -1433,8 +1430,6 @@ def mtil_dataset(name: str, root: str, download: bool, train_tf, test_tf):
         return torch.utils.data.Subset(train, perm[:n_train]), torch.utils.data.Subset(test, perm[n_train:]), names
     train = torchvision_split(D, name, root, "train", train_tf, download)
     test = torchvision_split(D, name, root, "test", test_tf, download)
-    if name == "MNIST":  # "0 - zero", ... as torchvision names them
-        return train, test, list(train.classes)
     return train, test, FLOWERS102_NAMES if name == "Flowers" else class_names(train)  # Flowers: the spec's names
 
 
@@ -1736,8 +1731,7 @@ def atomic_save(path: str, write) -> None:
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        pathlib.Path(path + ".tmp").unlink(missing_ok=True)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
             raise UsageError(f"no space left on the device of {os.path.dirname(os.path.abspath(path))}: "
                              f"{os.path.basename(path)} keeps its previous version; free some space, then "
@@ -1935,8 +1929,7 @@ def save_task(out: str, cfg: Config, impl: str, state: dict, model, selector, be
     write_config(out, cfg, impl)
     if cfg.overwrite and len(state["rows"]) == 1:
         for f in ("accuracy_matrix.png", "accuracy_curve.png", "predictions.jsonl"):
-            if os.path.exists(os.path.join(out, f)):
-                os.remove(os.path.join(out, f))
+            pathlib.Path(out, f).unlink(missing_ok=True)
 
 
 def summary(state: dict, kind: str, out: str) -> dict:
@@ -2025,10 +2018,9 @@ def formats_name(prompt: str) -> bool:
 
 def indivisible_tasks(c: Config) -> str:
     n = N_CLASSES[c.dataset]
-    divisors = [str(d) for d in range(2, n + 1) if n % d == 0][:6]
+    divisors = ", ".join([str(d) for d in range(2, n + 1) if n % d == 0][:6])
     base = " after its base task" if c.dataset == "tinyimagenet" else ""
-    return f"--tasks {c.tasks} does not divide the {n} classes of {c.dataset}{base}: use a divisor such as " + \
-        ", ".join(divisors)
+    return f"--tasks {c.tasks} does not divide the {n} classes of {c.dataset}{base}: use a divisor such as {divisors}"
 
 
 ACTS_ONLY_WITH = {  # flags that change nothing unless ...: given otherwise, they are refused
@@ -2052,8 +2044,8 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"), "--clip-model tiny is built and "
      "pretrained here; --clip-weights takes only 'random' with it"),
     (lambda c: not formats_name(c.prompt), "--prompt must contain one {{}} for the class name, got {c.prompt!r}"),
-    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among per-task "
-     "routers: use it with --routers per-task (e.g. --preset full)"),
+    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among the per-task "
+     "routers of --method moe-adapters: use it with --routers per-task (e.g. --preset full), or add --no-ddas"),
     (lambda c: c.ddas_threshold != "auto" and not in_range(number(c.ddas_threshold), "(0, inf)"),
      "--ddas-threshold takes a positive number or 'auto', got {c.ddas_threshold!r}"),
     (lambda c: c.ddas_all_autoencoders and c.ddas_threshold == "auto", "--ddas-all-autoencoders: untrained "
@@ -2109,7 +2101,7 @@ def saved_run(args: dict, flag: str) -> tuple:
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
     values |= {k: v for k, v in args.items() if k in RUN_ONLY_FIELDS and v is not None}
     values |= {name: os.path.expanduser(values[name]) for name in PATH_FLAGS}
-    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False, dry_run=False))
+    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False))
     validate(cfg)
     return cfg, ckpt
 
@@ -2151,16 +2143,16 @@ DEMO_SEEDS = (0, 1, 2)  # every trained method runs with each; zeroshot trains n
 
 def run_demo(args: dict) -> dict:
     """The offline demo: both synthetic benchmarks, the methods side by side, 3 seeds each: a line per run, tables."""
-    if args.get("dry_run") or args.get("resume"):
-        raise UsageError("--demo makes fresh runs: it takes neither --dry-run nor --resume")
+    fixed = [f"--{k.replace('_', '-')}" for k in ("dry_run", "resume", "dataset", "method", "preset", "seed", "tasks")
+             if args.get(k) is not None]
+    if fixed:
+        raise UsageError(f"--demo makes fresh runs of its own benchmarks, methods and seeds: drop {' '.join(fixed)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.expanduser(args.get("output_dir") or os.path.join("runs", f"demo-{stamp}"))
     pretrained_tiny_clip(resolve_config(dict(args, dataset="synthetic")))  # before the timed runs that share it
-    results = {}
+    results = {ds: {label: [] for label in runs} for ds, runs in DEMO_RUNS.items()}
     for ds, runs in DEMO_RUNS.items():
-        results[ds] = {}
         for label, overrides in runs.items():
-            results[ds][label] = []
             for seed in DEMO_SEEDS[:1] if overrides.get("method") == "zeroshot" else DEMO_SEEDS:
                 out = os.path.join(base, ds, label.replace(" ", "-"), f"seed-{seed}")
                 cfg = resolve_config(dict(args, dataset=ds, output_dir=out, seed=seed, **overrides))

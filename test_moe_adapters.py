@@ -778,6 +778,10 @@ def test_tinyimagenet_fake_folder_splits_names_and_labels(tmp_path):
             assert y == M.TINYIMAGENET_ORDER.index(decoded[-1]) == labels[i], i
         assert sorted(decoded) == list(range(200))
     assert len(bench.subset("test", 0)) == 100 and len(bench.subset("test", 3)) == 20
+    with open(os.path.join(root, "tiny-imagenet-200", "wnids.txt"), "wb") as f:
+        f.write(b"\xff\xfe\x00garbled")  # not text
+    with pytest.raises(M.UsageError, match="TinyImageNet not found \\(or incomplete\\).*UnicodeDecodeError"):
+        M.load_tinyimagenet(cfg, 32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1128,10 +1132,13 @@ def test_mtil_metrics_reproduce_the_zero_shot_row_and_a_hand_made_matrix():
 
 @pytest.mark.parametrize("argv,flag", [
     (["--dataset", "synthetic", "--ddas", "--routers", "shared"], "--ddas"),
+    (["--dataset", "synthetic", "--preset", "full", "--routers", "shared"], "--no-ddas"),  # DDAS from the preset
+    (["--dataset", "synthetic", "--preset", "full", "--method", "finetune", "--ddas"], "--method moe-adapters"),
     (["--dataset", "synthetic", "--preset", "full", "--ddas-threshold", "-1"], "--ddas-threshold"),
     (["--dataset", "synthetic", "--preset", "full", "--ddas-threshold", "high"], "--ddas-threshold"),
     (["--dataset", "synthetic", "--prompt", "{}_{}"], "--prompt"),
     (["--demo", "--dry-run"], "--demo"),
+    (["--demo", "--seed", "0", "--method", "finetune"], "drop --method --seed"),  # the demo's own seeds and methods
 ])
 def test_bad_ddas_and_other_arguments_exit_2(capsys, tmp_path, argv, flag):
     assert_usage_error(capsys, argv + TINY + ["--output-dir", str(tmp_path / "o")], flag)
@@ -1191,6 +1198,20 @@ def test_dry_run_counts_ddas_autoencoders_apart(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 13. MTIL: the 11 data sets
 # ------------------------------------------------------------------------------------------------
+
+def test_an_empty_preset_is_the_data_sets_and_recorded_by_its_name(capsys):
+    table = M.main(["--dry-run", "--preset", "", "--clip-weights", "random"])
+    assert table["config"]["preset"] == "cil" and "preset cil," in capsys.readouterr().out
+
+
+def test_clip_weights_of_another_vit_are_refused_in_one_line(tmp_path):
+    other = M.clip.model.CLIP(64, 224, 2, 64, 32, 77, 49408, 64, 2, 2)  # 224 pixels as ViT-B/16, but patch 32
+    path = str(tmp_path / "other.pt")
+    torch.save(other.state_dict(), path)
+    with pytest.raises(M.UsageError, match="is a ViT of 224 pixels, 2 layers of width 64 and patch 32, not ViT-B/16: "
+                                           "pass its --clip-model"):
+        M.load_clip(M.resolve_config(dict(dataset="cifar100", clip_weights=path)))
+
 
 def test_mtil_dry_run_counts_51_059_712_trainable_parameters(tmp_path):
     out = M.main(["--dataset", "mtil", "--dry-run", "--clip-weights", "random", "--data-root", str(tmp_path)])
@@ -2630,6 +2651,10 @@ def test_resume_takes_the_checkpoints_settings_and_a_finished_run_says_so(small_
     run_interrupted_at_task(monkeypatch, SMALL_RUN_ARGS + ["--output-dir", run_dir], 2)
     assert_usage_error(capsys, ["--resume", "--output-dir", run_dir, "--experts", "20"],
                        "--experts 20 contradicts the run in", "which has 22")
+    interrupted = file_bytes(run_dir)  # --dry-run prints what the resume would run, and runs nothing
+    table = M.main(["--resume", "--output-dir", run_dir, "--dry-run"])
+    assert file_bytes(run_dir) == interrupted and table["config"]["resume"] and table["config"]["experts"] == 22
+    assert "preset full, method moe-adapters" in capsys.readouterr().out
     summary = M.main(["--resume", "--output-dir", run_dir])  # every other setting from the checkpoint
     assert summary["accuracy_matrix"] == small_run[1]["accuracy_matrix"]
     before = file_bytes(run_dir)
