@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")  # clip.load tries it on every file
 import clip  # noqa: E402  (OpenAI CLIP, pip package clip-anytorch)
 import clip.model  # noqa: E402
 from tqdm import tqdm  # noqa: E402  (installed with clip)
