@@ -1786,6 +1786,10 @@ def read_checkpoint(path: str, cfg: Config | None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
             not isinstance(ckpt.get("config"), dict):
         raise UsageError(f"{path} is not a checkpoint of this script: {CHECKPOINT_FIX}")
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(Config)})
+    if unknown:
+        raise UsageError(f"{path} was written by another version of this script (settings {', '.join(unknown)}): "
+                         f"{CHECKPOINT_FIX}")
     mine = run_identity(cfg) if cfg is not None else ckpt["config"]
     for k in sorted(set(mine) | set(ckpt["config"])):
         if ckpt["config"].get(k) != mine.get(k):

@@ -1005,6 +1005,11 @@ def test_resume_from_corrupt_checkpoint_exits_2(capsys, small_run, tmp_path, sma
     with open(os.path.join(run_dir, "checkpoint.pt"), "wb") as f:
         f.write(b"PK\x03\x04 this is not a checkpoint")
     assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume"], "checkpoint.pt")
+    ckpt = torch.load(os.path.join(small_run[0], "checkpoint.pt"), weights_only=True)
+    ckpt["config"]["a_setting_gone"] = 1  # written by a version of the script that had another setting
+    torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
+    for argv in (["--resume"], ["--predict", os.path.join(run_dir, "config.json")]):
+        assert_usage_error(capsys, ["--output-dir", run_dir] + argv, "another version", "a_setting_gone")
 
 
 def test_resume_without_checkpoint_exits_2(capsys, tmp_path):
