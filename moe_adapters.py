@@ -133,7 +133,7 @@ class Config:
     label_smoothing: float = 0.0       # cross-entropy label smoothing
     extra_step: bool = True            # quirk Q17: run one step more than an epoch (the last at lr 0), as the authors
     amp: bool = False                  # bf16 autocast on CUDA (the authors run fp32)
-    compile: bool = False              # torch.compile the training step and the test images' forward (at first use)
+    compile: bool = False              # torch.compile the training forward (and backward) and the test images' forward
     # run
     seed: int = 0                      # seeds python, numpy and torch
     device: str = "auto"               # auto | cpu | cuda
@@ -186,7 +186,7 @@ def resolve_config(args: dict) -> Config:
     values = dataclasses.asdict(Config())
     ds = given.get("dataset", values["dataset"])
     values.update(DATASET_DEFAULTS[ds])
-    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's
+    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's (popped: kept)
     values.update(PRESETS[preset])
     if ds.startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
@@ -896,8 +896,8 @@ def class_embeddings(model, bench: Benchmark, route: int | None, device, cfg: Co
 
 @torch.no_grad()
 def classify(model, cfg: Config, x: torch.Tensor, r: torch.Tensor | None, text_for, encode=encode_images):
-    """Logits of images x (encoded by encode_images, or it compiled) over the candidate classes; image i goes through
-    router r[i] (-1 or r None: the untouched CLIP), compared with the class embeddings text_for(route) of its router."""
+    """Logits of images x (encoded by encode_images or its compiled version) over the candidate classes; image
+    i goes through router r[i] (-1 or r None: the untouched CLIP), compared with text_for(route) of its router."""
     if r is not None and bool((r < 0).all()):  # every image to the untouched CLIP: skip the mixture entirely
         r = None
     with autocast_for(cfg, x.device):
@@ -1260,7 +1260,7 @@ class TinyImageNetFolder(torch.utils.data.Dataset):
     def __init__(self, base: str, split: str, transform):
         from torchvision.datasets.folder import default_loader
         self.loader, self.transform = default_loader, transform
-        self.wnids = open(os.path.join(base, "wnids.txt")).read().split()
+        self.wnids = open(os.path.join(base, "wnids.txt"), encoding="utf-8").read().split()
         index = {w: i for i, w in enumerate(TINYIMAGENET_NAMES)}  # the standard wnids.txt order (spec App. B)
         if split == "train":
             self.samples = [(os.path.join(base, "train", w, "images", f), index[w]) for w in self.wnids
@@ -1283,7 +1283,7 @@ def tiny_imagenet(cfg: Config, split: str, transform) -> TinyImageNetFolder:
     try:
         ds = TinyImageNetFolder(base, split, transform)
     except (OSError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise UsageError(f"TinyImageNet not found (or incomplete) in {base} ({type(e).__name__}: {e}): unpack "
+        raise UsageError(f"TinyImageNet not found, incomplete or corrupt in {base} ({type(e).__name__}: {e}): unpack "
                          f"http://cs231n.stanford.edu/tiny-imagenet-200.zip into {cfg.data_root}") from None
     if sorted(ds.wnids) != sorted(TINYIMAGENET_NAMES):
         raise UsageError(f"{base}/wnids.txt does not list the 200 TinyImageNet classes: re-extract the archive")
@@ -1786,10 +1786,10 @@ def read_checkpoint(path: str, cfg: Config | None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
             not isinstance(ckpt.get("config"), dict):
         raise UsageError(f"{path} is not a checkpoint of this script: {CHECKPOINT_FIX}")
-    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(Config)})
-    if unknown:
-        raise UsageError(f"{path} was written by another version of this script (settings {', '.join(unknown)}): "
-                         f"{CHECKPOINT_FIX}")
+    differ = sorted(set(ckpt["config"]) ^ ({f.name for f in fields(Config)} - RUN_ONLY_FIELDS))
+    if differ:  # settings one version has and the other has not
+        raise UsageError(f"{path} was written by another version of moe_adapters.py (it differs in: "
+                         f"{', '.join(differ)}): use that version, or {CHECKPOINT_FIX}")
     mine = run_identity(cfg) if cfg is not None else ckpt["config"]
     for k in sorted(set(mine) | set(ckpt["config"])):
         if ckpt["config"].get(k) != mine.get(k):
@@ -2049,8 +2049,9 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.clip_model == "tiny" and c.clip_weights not in ("", "random"), "--clip-model tiny is built and "
      "pretrained here; --clip-weights takes only 'random' with it"),
     (lambda c: not formats_name(c.prompt), "--prompt must contain one {{}} for the class name, got {c.prompt!r}"),
-    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among the per-task "
-     "routers of --method moe-adapters: use it with --routers per-task (e.g. --preset full), or add --no-ddas"),
+    (lambda c: c.ddas and (c.routers != "per-task" or c.method != "moe-adapters"), "--ddas picks among the "
+     "per-task routers of --method moe-adapters: use it with --routers per-task (e.g. --preset full), or turn it "
+     "off (--no-ddas)"),
     (lambda c: c.ddas_threshold != "auto" and not in_range(number(c.ddas_threshold), "(0, inf)"),
      "--ddas-threshold takes a positive number or 'auto', got {c.ddas_threshold!r}"),
     (lambda c: c.ddas_all_autoencoders and c.ddas_threshold == "auto", "--ddas-all-autoencoders: untrained "
@@ -2064,8 +2065,9 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
-    (lambda c: c.compile and resolve_device(c).type == "cpu" and not shutil.which("g++"), "--compile on the CPU "
-     "writes C++ kernels and finds no C++ compiler (g++): install g++, or drop --compile"),
+    (lambda c: c.compile and not c.dry_run and resolve_device(c).type == "cpu" and not shutil.which(
+        os.environ.get("CXX", "g++")), "--compile on the CPU writes C++ kernels and finds no C++ compiler (g++, or "
+     "$CXX): install one, or run without it (--no-compile)"),
 ]
 
 
@@ -2106,7 +2108,8 @@ def saved_run(args: dict, flag: str) -> tuple:
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
     values |= {k: v for k, v in args.items() if k in RUN_ONLY_FIELDS and v is not None}
     values |= {name: os.path.expanduser(values[name]) for name in PATH_FLAGS}
-    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False))
+    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False,
+                                 compile=values["compile"] and flag == "--resume"))  # --predict compiles nothing
     validate(cfg)
     return cfg, ckpt
 
@@ -2148,10 +2151,10 @@ DEMO_SEEDS = (0, 1, 2)  # every trained method runs with each; zeroshot trains n
 
 def run_demo(args: dict) -> dict:
     """The offline demo: both synthetic benchmarks, the methods side by side, 3 seeds each: a line per run, tables."""
-    fixed = [f"--{k.replace('_', '-')}" for k in ("dry_run", "resume", "dataset", "method", "preset", "seed", "tasks")
-             if args.get(k) is not None]
-    if fixed:
-        raise UsageError(f"--demo makes fresh runs of its own benchmarks, methods and seeds: drop {' '.join(fixed)}")
+    overridden = [f"--{k.replace('_', '-')}" for k in ("dry_run", "resume", "dataset", "method", "preset", "seed",
+                                                       "tasks") if args.get(k) is not None]
+    if overridden:
+        raise UsageError(f"--demo runs its own benchmarks, methods and seeds, afresh: drop {' '.join(overridden)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.expanduser(args.get("output_dir") or os.path.join("runs", f"demo-{stamp}"))
     pretrained_tiny_clip(resolve_config(dict(args, dataset="synthetic")))  # before the timed runs that share it

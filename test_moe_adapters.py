@@ -780,7 +780,7 @@ def test_tinyimagenet_fake_folder_splits_names_and_labels(tmp_path):
     assert len(bench.subset("test", 0)) == 100 and len(bench.subset("test", 3)) == 20
     with open(os.path.join(root, "tiny-imagenet-200", "wnids.txt"), "wb") as f:
         f.write(b"\xff\xfe\x00garbled")  # not text
-    with pytest.raises(M.UsageError, match="TinyImageNet not found \\(or incomplete\\).*UnicodeDecodeError"):
+    with pytest.raises(M.UsageError, match="TinyImageNet not found, incomplete or corrupt.*UnicodeDecodeError"):
         M.load_tinyimagenet(cfg, 32)
 
 
@@ -1006,10 +1006,25 @@ def test_resume_from_corrupt_checkpoint_exits_2(capsys, small_run, tmp_path, sma
         f.write(b"PK\x03\x04 this is not a checkpoint")
     assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume"], "checkpoint.pt")
     ckpt = torch.load(os.path.join(small_run[0], "checkpoint.pt"), weights_only=True)
-    ckpt["config"]["a_setting_gone"] = 1  # written by a version of the script that had another setting
+    ckpt["config"]["a_setting_gone"] = ckpt["config"].pop("top_k")  # a version with one setting more, one less
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
     for argv in (["--resume"], ["--predict", os.path.join(run_dir, "config.json")]):
-        assert_usage_error(capsys, ["--output-dir", run_dir] + argv, "another version", "a_setting_gone")
+        assert_usage_error(capsys, ["--output-dir", run_dir] + argv, "another version", "a_setting_gone, top_k",
+                           "use that version")
+
+
+def test_an_empty_preset_is_the_data_sets_and_recorded_by_its_name(capsys):
+    table = M.main(["--dry-run", "--dataset", "synthetic", "--preset", ""])
+    assert table["config"]["preset"] == "cil" and "preset cil," in capsys.readouterr().out
+
+
+def test_clip_weights_of_another_vit_are_refused_in_one_line(tmp_path):
+    other = M.clip.model.CLIP(64, 224, 2, 64, 32, 77, 49408, 64, 2, 2)  # 224 pixels as ViT-B/16, but patch 32
+    path = str(tmp_path / "other.pt")
+    torch.save(other.state_dict(), path)
+    with pytest.raises(M.UsageError, match="is a ViT of 224 pixels, 2 layers of width 64 and patch 32, not ViT-B/16: "
+                                           "pass its --clip-model"):
+        M.load_clip(M.resolve_config(dict(dataset="cifar100", clip_weights=path)))
 
 
 def test_resume_without_checkpoint_exits_2(capsys, tmp_path):
@@ -1203,20 +1218,6 @@ def test_dry_run_counts_ddas_autoencoders_apart(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 13. MTIL: the 11 data sets
 # ------------------------------------------------------------------------------------------------
-
-def test_an_empty_preset_is_the_data_sets_and_recorded_by_its_name(capsys):
-    table = M.main(["--dry-run", "--preset", "", "--clip-weights", "random"])
-    assert table["config"]["preset"] == "cil" and "preset cil," in capsys.readouterr().out
-
-
-def test_clip_weights_of_another_vit_are_refused_in_one_line(tmp_path):
-    other = M.clip.model.CLIP(64, 224, 2, 64, 32, 77, 49408, 64, 2, 2)  # 224 pixels as ViT-B/16, but patch 32
-    path = str(tmp_path / "other.pt")
-    torch.save(other.state_dict(), path)
-    with pytest.raises(M.UsageError, match="is a ViT of 224 pixels, 2 layers of width 64 and patch 32, not ViT-B/16: "
-                                           "pass its --clip-model"):
-        M.load_clip(M.resolve_config(dict(dataset="cifar100", clip_weights=path)))
-
 
 def test_mtil_dry_run_counts_51_059_712_trainable_parameters(tmp_path):
     out = M.main(["--dataset", "mtil", "--dry-run", "--clip-weights", "random", "--data-root", str(tmp_path)])
@@ -2190,13 +2191,19 @@ def test_compiled_training_and_evaluation_equal_the_eager_ones_bitwise(small_syn
     for a in M.adapters(eager):
         a.frozen[0] = True
     compiled, before = copy.deepcopy(eager), copy.deepcopy(eager)
-    compiles, compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn: compiles.append(fn) or compile(fn, backend="aot_eager",
-                                                                                         fullgraph=True))
+    compiles, calls, compile = [], [], torch.compile
+
+    def aot_eager(fn):  # torch.compile with the eager backend, recording what it compiles and each call of the result
+        compiles.append(fn)
+        compiled_fn = compile(fn, backend="aot_eager", fullgraph=True)
+        return lambda *args: calls.append(fn) or compiled_fn(*args)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
     for model, c in ((eager, cfg), (compiled, dataclasses.replace(cfg, compile=True))):
         torch.manual_seed(0)
         M.train_task(model, c, bench, 1, CPU)
-    assert compiles == [M.task_logits]  # train_task compiles the training forward under --compile
+    steps = 2 * cfg.epochs + 1  # two batches an epoch, and the extra step
+    assert compiles == [M.task_logits] and calls == [M.task_logits] * steps  # train_task's steps go through it
     trained = dict(eager.named_parameters())
     for name, p in compiled.named_parameters():
         assert torch.equal(p, trained[name]), name
@@ -2213,18 +2220,30 @@ def test_compiled_training_and_evaluation_equal_the_eager_ones_bitwise(small_syn
     assert M.evaluate(compiled, dataclasses.replace(cfg, compile=True), bench, 1, CPU) == \
         M.evaluate(eager, cfg, bench, 1, CPU)
     assert compiles == [M.task_logits, M.encode_images]  # evaluate compiles the image forward under --compile
+    assert calls[steps:] and set(calls[steps:]) == {M.encode_images}  # and its batches go through it
     monkeypatch.setattr(M, "kernel_gpu", lambda device: True)  # on a GPU, auto picks batched under --compile
     assert M.resolve_impl(cfg) == "triton" and M.resolve_impl(dataclasses.replace(cfg, compile=True)) == "batched"
 
 
-def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
-    """Inductor writes C++ kernels for the CPU: without g++ it would fail at the first step with a traceback."""
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_in_one_line(capsys, tmp_path, monkeypatch, small_run):
+    """Inductor writes C++ kernels for the CPU: without g++ it would fail at the first step with a traceback. What
+    compiles nothing (a dry run, --predict of a run trained with --compile) needs no compiler."""
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "g++" else which(name))
+    monkeypatch.delenv("CXX", raising=False)  # inductor's compiler: $CXX, else g++
     out = tmp_path / "o"
-    assert_usage_error(capsys, FAST + ["--compile", "--device", "cpu", "--output-dir", str(out)], "--compile", "g++")
+    assert_usage_error(capsys, FAST + ["--compile", "--device", "cpu", "--output-dir", str(out)], "--compile", "g++",
+                       "--no-compile")
     assert not out.exists()
     M.resolve_config(vars(M.build_parser().parse_args(FAST + ["--device", "cpu"])))  # (validated) eager needs none
+    M.main(FAST + ["--compile", "--device", "cpu", "--dry-run"])
+    run_dir = copy_run(small_run[0], tmp_path / "run")  # a run trained with --compile (on a GPU, say)
+    saved = json.loads(open(os.path.join(run_dir, "config.json")).read()) | {"compile": True}
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write(json.dumps(saved))
+    assert not M.saved_run({"output_dir": run_dir}, "--predict")[0].compile
+    assert M.main(["--resume", "--output-dir", run_dir, "--dry-run"])["config"]["compile"]
+    assert_usage_error(capsys, ["--resume", "--output-dir", run_dir], "--no-compile")
 
 
 @needs_triton
