@@ -2186,7 +2186,7 @@ def test_compiled_training_and_evaluation_equal_the_eager_ones_bitwise(small_syn
     usage counts, dropout) as one graph, and AOTAutograd its backward. With the compiler's eager backend (the same
     aten operations, no code generation) a task trained so equals the eager one bitwise, frozen expert included,
     and so do the logits and the accuracy row of the evaluation, whose image forward is compiled too."""
-    cfg = tiny_cfg(preset="full", batch_size=48)  # 96 images a task: two batches an epoch of one shape
+    cfg = tiny_cfg(preset="full", batch_size=48, epochs=1)  # 96 images a task: two batches an epoch of one shape
     eager, bench = new_model_and_bench(cfg)
     for a in M.adapters(eager):
         a.frozen[0] = True
