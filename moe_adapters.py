@@ -186,7 +186,7 @@ def resolve_config(args: dict) -> Config:
     values = dataclasses.asdict(Config())
     ds = given.get("dataset", values["dataset"])
     values.update(DATASET_DEFAULTS[ds])
-    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's (popped: kept)
+    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's; update keeps it
     values.update(PRESETS[preset])
     if ds.startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
@@ -2065,9 +2065,9 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
     (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
-    (lambda c: c.compile and not c.dry_run and resolve_device(c).type == "cpu" and not shutil.which(
-        os.environ.get("CXX", "g++")), "--compile on the CPU writes C++ kernels and finds no C++ compiler (g++, or "
-     "$CXX): install one, or run without it (--no-compile)"),
+    (lambda c: c.compile and not c.dry_run and resolve_device(c).type == "cpu" and
+     not shutil.which(os.environ.get("CXX", "g++")), "--compile on the CPU writes C++ kernels and finds no C++ "
+     "compiler (g++, or $CXX): install one, or run without it (--no-compile)"),
 ]
 
 
