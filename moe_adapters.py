@@ -358,9 +358,16 @@ class MoEBlock(nn.Module):
         x_out = x_a + MLP(LN2(x_a)) + sum_e G_e(x_a[0]) E_e(x_a)
 
     It keeps the block's own attn / ln_1 / mlp / ln_2 modules under their own names, so official
-    weights load unchanged and the frozen path is CLIP's code."""
+    weights load unchanged and the frozen path is CLIP's code, its attention called without copies."""
 
-    attention = clip.model.ResidualAttentionBlock.attention  # CLIP's own attention call, reused
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP's attention as nn.MultiheadAttention computes it (bitwise on the CPU), without its copy of q, k, v."""
+        (L, N, D), a = x.shape, self.attn
+        qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias).view(L, N, 3, a.num_heads, D // a.num_heads)
+        q, k, v = qkv.permute(2, 1, 3, 0, 4)                                # each [N, heads, L, D / heads]
+        mask = None if self.attn_mask is None else self.attn_mask[:L, :L].to(x.dtype)  # text: causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)       # [N, heads, L, D / heads]
+        return a.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, D))
 
     def __init__(self, block: nn.Module, adapter: MoEAdapter):
         super().__init__()

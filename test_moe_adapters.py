@@ -410,6 +410,27 @@ def test_bypassed_samples_are_plain_clip_even_with_trained_experts():
     assert not torch.allclose(out_t[[1, 3, 4]], ref_t[[1, 3, 4]], atol=1e-3)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_block_attention_is_clips_bitwise_in_outputs_and_gradients(autocast):
+    """MoEBlock calls CLIP's attention weights without nn.MultiheadAttention's copies: the same numbers to the bit,
+    image blocks (no mask) and text blocks (causal mask, a prompt shorter than the context), fp32 and bf16 autocast."""
+    torch.manual_seed(0)
+    for mask in (None, torch.full((9, 9), float("-inf")).triu(1)):  # CLIP's causal mask, here of a context of 9
+        block = clip.model.ResidualAttentionBlock(128, 4, mask)
+        ours = M.MoEBlock(block, M.MoEAdapter(128, 2, 1, 8, 1, 0.1, 0.0))
+        x = torch.randn(7, 5, 128)
+        outs, grads = [], []
+        for attention in (block.attention, ours.attention):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = attention(block.ln_1(xi))
+            y.float().square().sum().backward()
+            outs.append(y.detach())
+            grads.append(xi.grad)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1]), mask is None
+        assert outs[1].dtype == (torch.bfloat16 if autocast else torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. The readable loop and the batched mixture agree
 # ------------------------------------------------------------------------------------------------
