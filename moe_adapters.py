@@ -171,8 +171,7 @@ SYNTHETIC_SCHEDULE = dict(iterations=0, dataset_lr=False, batch_size=64, warmup=
                           ddas_features="clip")
 METHOD_OVERRIDES = {  # the baselines run in the same loop
     "finetune": dict(experts=1, top_k=1, routers="shared", freeze=False, ddas=False),  # one adapter per block
-    "zeroshot": dict(ddas=False), "moe-adapters": dict(),
-}
+    "zeroshot": dict(ddas=False), "moe-adapters": dict()}
 # fields that do not change what a run computes (may differ between a checkpoint and --resume; --workers and
 # --eval-batch-size are not among them: they change how random numbers are drawn)
 RUN_ONLY_FIELDS = {"output_dir", "resume", "overwrite", "dry_run", "device", "data_root", "download", "clip_cache",
@@ -360,8 +359,7 @@ class MoEBlock(nn.Module):
     It keeps the block's own attn / ln_1 / mlp / ln_2 modules under their own names, so official
     weights load unchanged and the frozen path is CLIP's code, its attention called without copies."""
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP's attention as nn.MultiheadAttention computes it (bitwise on the CPU), without its copy of q, k, v."""
+    def attention(self, x: torch.Tensor) -> torch.Tensor:  # as nn.MultiheadAttention (bitwise), without its copies
         (L, N, D), a = x.shape, self.attn
         qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias).view(L, N, 3, a.num_heads, D // a.num_heads)
         q, k, v = qkv.permute(2, 1, 3, 0, 4)                                # each [N, heads, L, D / heads]
@@ -564,8 +562,7 @@ class FusedMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, idx, w, w_down, b_down, w_up, b_up, scale, p_drop, base, store_h):
-        L, N, D = x.shape
-        K, R = idx.shape[1], w_down.shape[2]
+        (L, N, D), K, R = x.shape, idx.shape[1], w_down.shape[2]
         KRP = max(16, triton.next_power_of_2(K * R))  # tl.dot needs at least 16 along every dimension
         BLOCK_L, BLOCK_D = fused_tiles(KRP, 4 if TRITON_INTERPRET else x.element_size())
         x, idx, w = rowmajor(x), idx.contiguous(), w.contiguous()
@@ -686,8 +683,7 @@ class TaskSelector(nn.Module):
         err = self.errors(self.features(x))                              # [N, T]
         if self.cfg.ddas_per_batch:  # quirk Q12: one decision for the whole batch, from its mean error
             err = err.mean(0, keepdim=True).expand_as(err)
-        auto = self.cfg.ddas_threshold == "auto"
-        err, tau = (err / self.tau, 1.0) if auto else (err, float(self.cfg.ddas_threshold))
+        err, tau = (err / self.tau, 1.0) if self.cfg.ddas_threshold == "auto" else (err, float(self.cfg.ddas_threshold))
         if not self.cfg.ddas_all_autoencoders:  # quirk Q13 fixed: untrained autoencoders do not compete
             err = err.masked_fill(~self.trained, float("inf"))
         best, task = err.min(1)
@@ -1326,8 +1322,7 @@ MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluat
         'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} object.; a '
         'photo of the {} texture.; a photo of the {} pattern.; a photo of the {} thing.; a photo of the {} object.',
     'EuroSAT':
-        'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite photo of the '
-        '{}.',
+        'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite photo of the {}.',
     'Flowers': 'a photo of a {}, a type of flower.',
     'Food': 'a photo of a {}, a type of food.',
     'MNIST': 'a photo of the number: "{}".',
@@ -1335,8 +1330,7 @@ MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluat
     'StanfordCars':
         'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love my {}!; '
         'a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my old {}.',
-    'SUN397': 'a photo of a {}.; a photo of the {}.',
-}
+    'SUN397': 'a photo of a {}.; a photo of the {}.'}
 CALTECH101_NAMES = (  # spec Appendix C
     'off-center face; centered face; leopard; motorbike; accordion; airplane; anchor; ant; barrel; bass; beaver; '
     'binocular; bonsai; brain; brontosaurus; buddha; butterfly; camera; cannon; side of a car; ceiling fan; '
@@ -1351,8 +1345,7 @@ CALTECH101_NAMES = (  # spec Appendix C
 ).split("; ")
 EUROSAT_NAMES = (  # spec Appendix C
     'annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or commercial '
-    'buildings; pasture land; permanent crop land; residential buildings or homes or apartments; river; lake or '
-    'sea'
+    'buildings; pasture land; permanent crop land; residential buildings or homes or apartments; river; lake or sea'
 ).split("; ")
 FLOWERS102_NAMES = (  # spec Appendix C
     'pink primrose; hard-leaved pocket orchid; canterbury bells; sweet pea; english marigold; tiger lily; moon '
@@ -1651,9 +1644,8 @@ def reference_images(cfg: Config, resolution: int, train=None):
         if train is None:
             train = Relabeled(tiny_imagenet(cfg, "train", transforms(resolution)[0]), np.arange(200))
         ds, labels = train, np.asarray(train.ds.targets)
-    if cfg.shots:
-        return torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)), len(ds)
-    return ds, len(ds)
+    kept = torch.utils.data.Subset(ds, first_shots(labels, cfg.shots, cfg.seed)) if cfg.shots else ds
+    return kept, len(ds)
 
 
 def load_benchmark(cfg: Config, resolution: int) -> Benchmark:
@@ -1805,7 +1797,8 @@ def read_checkpoint(path: str, cfg: Config | None) -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str, model: nn.Module | None, cfg: Config, selector: TaskSelector | None = None) -> dict:
+def load_checkpoint(path: str, model: nn.Module | None, cfg: Config | None,
+                    selector: TaskSelector | None = None) -> dict:
     """read_checkpoint, then restore the trainable state, the DDAS autoencoders and the RNG states."""
     ckpt = read_checkpoint(path, cfg)
     missing, unexpected = [], []
@@ -1870,8 +1863,7 @@ def run_label(cfg: Config) -> str:
 
 
 def run(cfg: Config, verbose: bool = True) -> dict:
-    """One continual run: for each task, train, fit its autoencoder, evaluate on the tasks the metrics need,
-    write the metrics, checkpoint. verbose: say where the run writes, a line per task and how it ended."""
+    """One continual run, the loop above. verbose: say where the run writes, a line per task and how it ended."""
 
     def say(line: str) -> None:
         if verbose:
@@ -2115,8 +2107,9 @@ def saved_run(args: dict, flag: str) -> tuple:
     values = dataclasses.asdict(Config()) | {k: v for k, v in saved.items() if k in names} | ckpt["config"]
     values |= {k: v for k, v in args.items() if k in RUN_ONLY_FIELDS and v is not None}
     values |= {name: os.path.expanduser(values[name]) for name in PATH_FLAGS}
-    cfg = Config(**values | dict(output_dir=out, resume=flag == "--resume", overwrite=False,
-                                 compile=values["compile"] and flag == "--resume"))  # --predict compiles nothing
+    resuming = flag == "--resume"  # --predict computes in fp32 on any device (a few images) and compiles nothing
+    cfg = Config(**values | dict(output_dir=out, resume=resuming, overwrite=False, amp=values["amp"] and resuming,
+                                 compile=values["compile"] and resuming))
     validate(cfg)
     return cfg, ckpt
 
@@ -2243,7 +2236,7 @@ def predict(args: dict, paths: list) -> dict:
     seed_everything(cfg.seed)  # --clip-weights random: the run's random CLIP
     device = resolve_device(cfg)
     model, selector = build_model(cfg, T, device)
-    load_checkpoint(os.path.join(out, "checkpoint.pt"), model if cfg.method != "zeroshot" else None, cfg, selector)
+    load_checkpoint(os.path.join(out, "checkpoint.pt"), model if cfg.method != "zeroshot" else None, None, selector)
     model.eval()
     transform = transforms(model.visual.input_resolution)[0 if cfg.eval_train_transform else 1]
     x = torch.stack([transform(image) for image in images]).to(device)

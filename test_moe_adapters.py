@@ -2499,8 +2499,13 @@ def test_predict_routes_and_classifies_saved_images_as_evaluate_does(small_run, 
         assert line.startswith(p["image"] + ": " + p["route"]) and p["top5"][0][0] in line
         assert p["route"] == ("untouched CLIP" if p["router"] is None else f"router of task {p['router']}")
     assert read_jsonl(os.path.join(run_dir, "predictions.jsonl")) == out["predictions"]
-    # a run stopped after its second task predicts with what it had learned then, and says so
+    # a run trained with --amp (bf16 on a GPU) predicts on the CPU as well, in fp32: the same answers
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["config"]["amp"] = True
+    torch.save(ckpt, ckpt_path)
+    assert M.main(["--predict"] + files + ["--output-dir", run_dir]) == out
+    assert_usage_error(capsys, ["--resume", "--output-dir", run_dir, "--device", "cpu"], "--amp", "CUDA only")
+    # a run stopped after its second task predicts with what it had learned then, and says so
     ckpt["next_task"] = 2
     torch.save(ckpt, ckpt_path)
     early = M.main(["--predict"] + files[:4] + ["--output-dir", run_dir])
