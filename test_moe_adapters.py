@@ -2627,7 +2627,8 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache,
                              "--output-dir", str(out), "--preset", "full", "--epochs", "1", "--no-ddas"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # Ctrl-C reaches it even
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # from a background job
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
