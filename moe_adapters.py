@@ -23,7 +23,7 @@ training one task, evaluation and metrics; then the data, checkpoints, the task 
     python moe_adapters.py --resume --output-dir RUN         # continue a stopped run
     python moe_adapters.py --predict IMG.jpg --output-dir RUN   # route and classify images with a trained run
     python test_moe_adapters.py --bench --clip-weights random   # the speed figures on this device
-    python -m pytest -q test_moe_adapters.py                 # the tests, ~4 min on 2 CPU cores
+    python -m pytest -q test_moe_adapters.py                 # the tests, ~3 min on 2 CPU cores
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of moe_adapters.py (offline, CPU, about 4 minutes on 2 cores; the GPU checks skip without CUDA).
+"""Tests of moe_adapters.py (offline, CPU, about 3 minutes on 2 cores; the GPU checks skip without CUDA).
 
     python -m pytest -q test_moe_adapters.py
 
@@ -32,6 +32,9 @@ from PIL import Image
 # The fused Triton kernel's tests run on Triton's CPU interpreter; it must be chosen before triton is imported
 if "--bench" not in sys.argv:  # the speed mode (at the end of this file) times the compiled kernel on a GPU
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the GPU checks below run in processes that set it to 0
+    # one thread per process, the processes that tests start included: the demo runs beside the tests (section 20)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import moe_adapters as M  # noqa: E402  (first of ours: it silences clip's pkg_resources warning)
 import clip.model  # noqa: E402
 
@@ -803,95 +806,6 @@ def test_tinyimagenet_fake_folder_splits_names_and_labels(tmp_path):
         f.write(b"\xff\xfe\x00garbled")  # not text
     with pytest.raises(M.UsageError, match="TinyImageNet not found, incomplete or corrupt.*UnicodeDecodeError"):
         M.load_tinyimagenet(cfg, 32)
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. The demo command line
-# ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def demo_run(clip_cache, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("demo-cwd")
-    out = cwd / "demo-out"
-    cached = lambda: {f: os.stat(os.path.join(clip_cache, f)).st_mtime_ns for f in os.listdir(clip_cache)}
-    before = cached()
-    proc = subprocess.run([sys.executable, SCRIPT, "--demo", "--clip-cache", clip_cache, "--output-dir", str(out)],
-                          cwd=str(cwd), capture_output=True, text=True, timeout=400)
-    assert cached() == before, "the demo pretrained the tiny CLIP again instead of using --clip-cache"
-    return proc, out, cwd
-
-
-CELL = r"\s+(-?\d+\.\d+) ± (\d+\.\d+)"  # mean ± std over the demo's seeds
-DEMO_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 3 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
-MTIL_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 4 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
-
-
-def parse_table(lines, header, pattern, keys):
-    start = [i for i, ln in enumerate(lines) if ln.split()[:len(header)] == header]
-    assert len(start) == 1, lines
-    table = {}
-    for line in lines[start[0] + 1:]:
-        if not line.strip():
-            break
-        m = pattern.match(line)
-        if m:
-            numbers = [float(v) for v in m.groups()[1:-1]]
-            table[m["label"]] = {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
-    return table
-
-
-def test_demo_prints_table_matching_each_methods_metrics(demo_run):
-    """Each row is the mean ± sample std over the seeds' own metrics.jsonl; zeroshot (no training) runs once."""
-    proc, out, cwd = demo_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    for benchmark, header, pattern, keys, labels in (
-            ("synthetic", ["method", "Avg", "Last", "Forgetting", "seconds"], DEMO_ROW, ("avg", "last", "forgetting"),
-             {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"}),
-            ("synthetic-mtil", ["method", "Transfer", "Avg", "Last", "Forgetting", "seconds"], MTIL_ROW,
-             ("transfer", "avg", "last", "forgetting"), {"zeroshot", "finetune", "moe-adapters"})):
-        table = parse_table(lines, header, pattern, keys)
-        assert set(table) == labels, proc.stdout
-        for label, vals in table.items():
-            seeds = [0] if label == "zeroshot" else list(M.DEMO_SEEDS)
-            runs = [read_jsonl(out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "metrics.jsonl") for s in seeds]
-            assert all(len(r) == 5 and {"avg", "last"} <= set(r[-1]) for r in runs), label
-            per_seed = {k: [r[-2 if k == "forgetting" else -1][k] for r in runs] for k in keys}
-            for k, (mean, std) in vals.items():
-                assert abs(mean - np.mean(per_seed[k])) <= 0.01, (benchmark, label, k)
-                assert abs(std - (np.std(per_seed[k], ddof=1) if len(seeds) > 1 else 0)) <= 0.01, (benchmark, label, k)
-            configs = [json.loads((out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "config.json").read_text())
-                       for s in seeds]
-            assert [c["seed"] for c in configs] == seeds
-        if benchmark == "synthetic":
-            cil = table
-        else:
-            mtil = table
-    demo_txt = (out / "demo.txt").read_text()
-    assert demo_txt.strip() in proc.stdout
-    assert not (cwd / "runs").exists()  # everything went under --output-dir
-    # a short screen: a line per run (each trained method 3 seeds, zeroshot once), none per task
-    run_lines = [ln for ln in proc.stderr.splitlines() if re.match(r"synthetic(-mtil)? \| .* \| seed \d: ", ln)]
-    assert len(run_lines) == 2 * (1 + 3 * 3) - 3 and not [ln for ln in proc.stderr.splitlines() if "] task " in ln]
-    assert proc.stderr.rstrip().endswith(f"everything is in {out}: demo.txt, and a folder per run")
-    # what holds beyond the spread over the seeds: training beats the untouched CLIP on Avg, and with DDAS the
-    # multi-domain run forgets less than sequential fine-tuning and keeps more of CLIP's zero-shot Transfer
-    beyond = lambda a, b: a[0] - a[1] > b[0] + b[1]
-    assert beyond(cil["moe-adapters"]["avg"], cil["zeroshot"]["avg"]), cil
-    assert beyond(mtil["finetune"]["forgetting"], mtil["moe-adapters"]["forgetting"]), mtil
-    assert beyond(mtil["moe-adapters"]["transfer"], mtil["finetune"]["transfer"]), mtil
-    # the paper's pattern: MoE-Adapters keeps zero-shot CLIP's Transfer (within 1.5 points) and ends well above
-    # sequential fine-tuning (Last at least 5 points higher, beyond the spread)
-    assert mtil["moe-adapters"]["transfer"][0] >= mtil["zeroshot"]["transfer"][0] - 1.5, mtil
-    assert mtil["moe-adapters"]["last"][0] - mtil["finetune"]["last"][0] >= 5, mtil
-    assert beyond(mtil["moe-adapters"]["last"], mtil["finetune"]["last"]), mtil
-
-
-def test_demo_stderr_is_clean(demo_run):
-    proc, _, _ = demo_run
-    assert proc.returncode == 0
-    assert "Traceback" not in proc.stderr
-    assert "Warning" not in proc.stderr, [ln for ln in proc.stderr.splitlines() if "Warning" in ln]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2754,7 +2668,7 @@ def test_help_groups_the_flags_shows_their_defaults_and_the_commands(capsys):
     assert "--no-freeze activate-freeze: after each task freeze each block's most-used experts [default True]" in flat
     assert "mtil,synthetic,synthetic-mtil}" in flat and "{tiny,ViT-B/32,ViT-B/16" in flat
     assert "--demo" in flat and out.rstrip().endswith("python -m pytest -q test_moe_adapters.py                 "
-                                                       "# the tests, ~4 min on 2 CPU cores")
+                                                       "# the tests, ~3 min on 2 CPU cores")
     assert "--dry-run prints the values a command runs with" in flat
     capsys.readouterr()  # the values of a preset: the dry run shows them
     M.main(["--dry-run", "--dataset", "cifar100", "--clip-weights", "random"])
@@ -2782,6 +2696,113 @@ def test_a_read_only_clip_cache_only_warns(capsys):
     err = capsys.readouterr().err
     assert "cannot cache the tiny CLIP in /proc/moe-adapters-cache" in err and "going on with the weights" in err
     assert "Traceback" not in err and set(state) == set(clip.model.CLIP(*M.ARCHS["tiny"]).state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# 20. The demo command line (last: the demo runs in a second process beside every test above)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_started(request, tmp_path_factory):
+    """The demo in a second process, started at the first test once the tiny CLIP is cached (when a selected test
+    needs it): it runs beside the other tests, one thread each on the 2 cores, and its tests come last."""
+    if not any("demo_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    clip_cache = request.getfixturevalue("clip_cache")
+    cwd = tmp_path_factory.mktemp("demo-cwd")
+    out = cwd / "demo-out"
+    cached = lambda: {f: os.stat(os.path.join(clip_cache, f)).st_mtime_ns for f in os.listdir(clip_cache)}
+    before = cached()
+    argv = [sys.executable, SCRIPT, "--demo", "--clip-cache", clip_cache, "--output-dir", str(out)]
+    with open(cwd / "stdout", "w") as stdout, open(cwd / "stderr", "w") as stderr:  # files: a pipe could fill up
+        proc = subprocess.Popen(argv, cwd=str(cwd), stdout=stdout, stderr=stderr, text=True)
+    yield proc, argv, out, cwd, cached, before
+    if proc.poll() is None:  # the demo's tests were not reached (a failure with -x, Ctrl-C)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_started):
+    proc, argv, out, cwd, cached, before = demo_started
+    code = proc.wait(timeout=600)
+    done = subprocess.CompletedProcess(argv, code, (cwd / "stdout").read_text(), (cwd / "stderr").read_text())
+    assert cached() == before, "the demo pretrained the tiny CLIP again instead of using --clip-cache"
+    return done, out, cwd
+
+
+CELL = r"\s+(-?\d+\.\d+) ± (\d+\.\d+)"  # mean ± std over the demo's seeds
+DEMO_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 3 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
+MTIL_ROW = re.compile(r"^(?P<label>\S.*?)" + CELL * 4 + r"\s+(?P<seconds>\d+\.\d+)\s*$")
+
+
+def parse_table(lines, header, pattern, keys):
+    start = [i for i, ln in enumerate(lines) if ln.split()[:len(header)] == header]
+    assert len(start) == 1, lines
+    table = {}
+    for line in lines[start[0] + 1:]:
+        if not line.strip():
+            break
+        m = pattern.match(line)
+        if m:
+            numbers = [float(v) for v in m.groups()[1:-1]]
+            table[m["label"]] = {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
+    return table
+
+
+def test_demo_prints_table_matching_each_methods_metrics(demo_run):
+    """Each row is the mean ± sample std over the seeds' own metrics.jsonl; zeroshot (no training) runs once."""
+    proc, out, cwd = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for benchmark, header, pattern, keys, labels in (
+            ("synthetic", ["method", "Avg", "Last", "Forgetting", "seconds"], DEMO_ROW, ("avg", "last", "forgetting"),
+             {"zeroshot", "finetune", "moe-adapters", "moe-adapters full"}),
+            ("synthetic-mtil", ["method", "Transfer", "Avg", "Last", "Forgetting", "seconds"], MTIL_ROW,
+             ("transfer", "avg", "last", "forgetting"), {"zeroshot", "finetune", "moe-adapters"})):
+        table = parse_table(lines, header, pattern, keys)
+        assert set(table) == labels, proc.stdout
+        for label, vals in table.items():
+            seeds = [0] if label == "zeroshot" else list(M.DEMO_SEEDS)
+            runs = [read_jsonl(out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "metrics.jsonl") for s in seeds]
+            assert all(len(r) == 5 and {"avg", "last"} <= set(r[-1]) for r in runs), label
+            per_seed = {k: [r[-2 if k == "forgetting" else -1][k] for r in runs] for k in keys}
+            for k, (mean, std) in vals.items():
+                assert abs(mean - np.mean(per_seed[k])) <= 0.01, (benchmark, label, k)
+                assert abs(std - (np.std(per_seed[k], ddof=1) if len(seeds) > 1 else 0)) <= 0.01, (benchmark, label, k)
+            configs = [json.loads((out / benchmark / label.replace(" ", "-") / f"seed-{s}" / "config.json").read_text())
+                       for s in seeds]
+            assert [c["seed"] for c in configs] == seeds
+        if benchmark == "synthetic":
+            cil = table
+        else:
+            mtil = table
+    demo_txt = (out / "demo.txt").read_text()
+    assert demo_txt.strip() in proc.stdout
+    assert not (cwd / "runs").exists()  # everything went under --output-dir
+    # a short screen: a line per run (each trained method 3 seeds, zeroshot once), none per task
+    run_lines = [ln for ln in proc.stderr.splitlines() if re.match(r"synthetic(-mtil)? \| .* \| seed \d: ", ln)]
+    assert len(run_lines) == 2 * (1 + 3 * 3) - 3 and not [ln for ln in proc.stderr.splitlines() if "] task " in ln]
+    assert proc.stderr.rstrip().endswith(f"everything is in {out}: demo.txt, and a folder per run")
+    # what holds beyond the spread over the seeds: training beats the untouched CLIP on Avg, and with DDAS the
+    # multi-domain run forgets less than sequential fine-tuning and keeps more of CLIP's zero-shot Transfer
+    beyond = lambda a, b: a[0] - a[1] > b[0] + b[1]
+    assert beyond(cil["moe-adapters"]["avg"], cil["zeroshot"]["avg"]), cil
+    assert beyond(mtil["finetune"]["forgetting"], mtil["moe-adapters"]["forgetting"]), mtil
+    assert beyond(mtil["moe-adapters"]["transfer"], mtil["finetune"]["transfer"]), mtil
+    # the paper's pattern: MoE-Adapters keeps zero-shot CLIP's Transfer (within 1.5 points) and ends well above
+    # sequential fine-tuning (Last at least 5 points higher, beyond the spread)
+    assert mtil["moe-adapters"]["transfer"][0] >= mtil["zeroshot"]["transfer"][0] - 1.5, mtil
+    assert mtil["moe-adapters"]["last"][0] - mtil["finetune"]["last"][0] >= 5, mtil
+    assert beyond(mtil["moe-adapters"]["last"], mtil["finetune"]["last"]), mtil
+
+
+def test_demo_stderr_is_clean(demo_run):
+    proc, _, _ = demo_run
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr
+    assert "Warning" not in proc.stderr, [ln for ln in proc.stderr.splitlines() if "Warning" in ln]
 
 
 # ------------------------------------------------------------------------------------------------
