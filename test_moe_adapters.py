@@ -953,6 +953,7 @@ def test_an_empty_preset_is_the_data_sets_and_recorded_by_its_name(capsys):
     assert table["config"]["preset"] == "cil" and "preset cil," in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # clip.load tries it (filtered by the script)
 def test_clip_weights_of_another_vit_are_refused_in_one_line(tmp_path):
     other = M.clip.model.CLIP(64, 224, 2, 64, 32, 77, 49408, 64, 2, 2)  # 224 pixels as ViT-B/16, but patch 32
     path = str(tmp_path / "other.pt")
