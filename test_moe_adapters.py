@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,9 +33,6 @@ from PIL import Image
 # The fused Triton kernel's tests run on Triton's CPU interpreter; it must be chosen before triton is imported
 if "--bench" not in sys.argv:  # the speed mode (at the end of this file) times the compiled kernel on a GPU
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the GPU checks below run in processes that set it to 0
-    # one thread per process, the processes that tests start included: the demo runs beside the tests (section 20)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import moe_adapters as M  # noqa: E402  (first of ours: it silences clip's pkg_resources warning)
 import clip.model  # noqa: E402
 
@@ -2538,15 +2536,17 @@ def test_a_new_run_marks_its_folder_at_once_so_a_second_run_there_is_refused(sma
 
 
 def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path, clip_cache, small_run):
-    import signal
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--dataset", "synthetic", "--clip-cache", clip_cache,
+    # Python's own Ctrl-C handler, even where the suite runs as a background job (which ignores SIGINT)
+    start = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", start, "--dataset", "synthetic", "--clip-cache", clip_cache,
                              "--output-dir", str(out), "--preset", "full", "--epochs", "1", "--no-ddas"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # Ctrl-C reaches it even
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # from a background job
-    deadline = time.time() + 120
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert (out / "checkpoint.pt").exists(), "the run saved no checkpoint in 300 s"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -2710,6 +2710,8 @@ def demo_started(request, tmp_path_factory):
     if not any("demo_run" in item.fixturenames for item in request.session.items):
         yield None
         return
+    os.environ["OMP_NUM_THREADS"] = "1"  # for this process (below) and every process a test starts, the demo's too
+    torch.set_num_threads(1)
     clip_cache = request.getfixturevalue("clip_cache")
     cwd = tmp_path_factory.mktemp("demo-cwd")
     out = cwd / "demo-out"
