@@ -2063,7 +2063,7 @@ RULES = [  # (refused when, the message: a template of the config c, or a functi
      "triton needs a CUDA GPU of compute capability 7.0 on (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)"),
     (lambda c: c.moe_impl == "triton" and c.top_k * c.bottleneck > FUSED_MAX_HIDDEN, "--moe-impl triton holds at "
      f"most {FUSED_MAX_HIDDEN} hidden units per sample, not --top-k x --bottleneck {{c.top_k}} x {{c.bottleneck}}"),
-    (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp is bf16 autocast on CUDA only: drop it on the CPU"),
+    (lambda c: c.amp and resolve_device(c).type != "cuda", "--amp needs a CUDA GPU: use one, or a run without it"),
     (lambda c: c.compile and not c.dry_run and resolve_device(c).type == "cpu" and
      not shutil.which(os.environ.get("CXX", "g++")), "--compile on the CPU writes C++ kernels and finds no C++ "
      "compiler (g++, or $CXX): install one, or run without it (--no-compile)"),

@@ -875,6 +875,7 @@ TINY = ["--clip-model", "tiny", "--clip-weights", "random"]
     (["--dataset", "synthetic", "--batch-size", "0"], "--batch-size"),
     (["--dataset", "synthetic", "--batch-size", "-4"], "--batch-size"),
     (["--dataset", "synthetic", "--epochs", "0"], "--epochs"),
+    (["--dataset", "synthetic", "--device", "cpu", "--amp"], "--amp needs a CUDA GPU"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, flag):
     out = tmp_path / "out"
@@ -2417,7 +2418,7 @@ def test_predict_routes_and_classifies_saved_images_as_evaluate_does(small_run, 
     ckpt["config"]["amp"] = True
     torch.save(ckpt, ckpt_path)
     assert M.main(["--predict"] + files + ["--output-dir", run_dir]) == out
-    assert_usage_error(capsys, ["--resume", "--output-dir", run_dir, "--device", "cpu"], "--amp", "CUDA only")
+    assert_usage_error(capsys, ["--resume", "--output-dir", run_dir, "--device", "cpu"], "--amp needs a CUDA GPU: use one")
     # a run stopped after its second task predicts with what it had learned then, and says so
     ckpt["next_task"] = 2
     torch.save(ckpt, ckpt_path)
