@@ -1304,32 +1304,28 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
 # -- MTIL: 11 data sets through torchvision (spec 9.1) --------------------------------------------
 MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluation averages all
     'Aircraft': 'a photo of a {}, a type of aircraft.; a photo of the {}, a type of aircraft.',
-    'Caltech101':
-        'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a tattoo '
-        'of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a video game.; a '
-        'plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; a doodle of a {}.; a '
-        'photo of the {}.; a painting of the {}.; the plastic {}.; a sculpture of the {}.; a sketch of the {}.; a '
-        'tattoo of the {}.; the toy {}.; a rendition of the {}.; the embroidered {}.; the cartoon {}.; the {} in a '
-        'video game.; the plushie {}.; the origami {}.; art of the {}.; graffiti of the {}.; a drawing of the {}.; '
-        'a doodle of the {}.',
-    'CIFAR100':
-        'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast photo of a '
-        '{}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a photo of a small {}.; '
-        'a photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a black and white photo of the {}.; '
-        'a low contrast photo of the {}.; a high contrast photo of the {}.; a bad photo of the {}.; a good photo '
-        'of the {}.; a photo of the small {}.; a photo of the big {}.',
-    'DTD':
-        'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} object.; a '
+    'Caltech101': 'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a '
+        'tattoo of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a video game.; a '
+        'plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; a doodle of a {}.; a photo '
+        'of the {}.; a painting of the {}.; the plastic {}.; a sculpture of the {}.; a sketch of the {}.; a tattoo of '
+        'the {}.; the toy {}.; a rendition of the {}.; the embroidered {}.; the cartoon {}.; the {} in a video game.; '
+        'the plushie {}.; the origami {}.; art of the {}.; graffiti of the {}.; a drawing of the {}.; a doodle of the '
+        '{}.',
+    'CIFAR100': 'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast photo of '
+        'a {}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a photo of a small {}.; a '
+        'photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a black and white photo of the {}.; a low '
+        'contrast photo of the {}.; a high contrast photo of the {}.; a bad photo of the {}.; a good photo of the {}.; '
+        'a photo of the small {}.; a photo of the big {}.',
+    'DTD': 'a photo of a {} texture.; a photo of a {} pattern.; a photo of a {} thing.; a photo of a {} object.; a '
         'photo of the {} texture.; a photo of the {} pattern.; a photo of the {} thing.; a photo of the {} object.',
-    'EuroSAT':
-        'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite photo of the {}.',
+    'EuroSAT': 'a centered satellite photo of {}.; a centered satellite photo of a {}.; a centered satellite photo of '
+        'the {}.',
     'Flowers': 'a photo of a {}, a type of flower.',
     'Food': 'a photo of a {}, a type of food.',
     'MNIST': 'a photo of the number: "{}".',
     'OxfordPet': 'a photo of a {}, a type of pet.',
-    'StanfordCars':
-        'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love my {}!; '
-        'a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my old {}.',
+    'StanfordCars': 'a photo of a {}, a type of car.; a photo of a {}.; a photo of the {}.; a photo of my {}.; i love '
+        'my {}!; a photo of my dirty {}.; a photo of my clean {}.; a photo of my new {}.; a photo of my old {}.',
     'SUN397': 'a photo of a {}.; a photo of the {}.'}
 CALTECH101_NAMES = (  # spec Appendix C
     'off-center face; centered face; leopard; motorbike; accordion; airplane; anchor; ant; barrel; bass; beaver; '
@@ -1900,11 +1896,13 @@ def run(cfg: Config, verbose: bool = True) -> dict:
             fit_autoencoder(selector, cfg, bench.reference, T, device, cfg.ddas_reference_iters,
                             bench.epoch_batches(-1))
         for t in range(len(state["rows"]), T):
+            start = time.time()
             if trained is not None:
                 train_task(model, cfg, bench, t, device)
             if selector is not None:
                 fit_autoencoder(selector, cfg, bench.subset("train", t), t, device, cfg.ddas_iters,
                                 bench.epoch_batches(t))
+            learned = time.time()  # the task's experts, router and autoencoder: then its evaluation and checkpoint
             accs, state["counts"], sent = evaluate(model, cfg, bench, t, device, selector, state["stats"],
                                                    state["clip_text"])
             state["matrix"].append(accs)
@@ -1914,7 +1912,8 @@ def run(cfg: Config, verbose: bool = True) -> dict:
                 row["routes"] = routing_rates(sent, t)
             state["rows"].append(row)
             save_task(out, cfg, impl, state, trained, selector, bench)
-            say(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}")
+            took = f"{learned - start:.1f} s learning, {time.time() - learned:.1f} s evaluating and saving"
+            say(f"[{run_label(cfg)}] task {t + 1}/{T}: {summary_line(state, bench.kind, partial=True)}  ({took})")
         write_pictures(out, state, cfg, bench.task_names or [f"task {j}" for j in range(T)])
         say(f"{run_label(cfg)} done: {summary_line(state, bench.kind)}; everything is in {out}")
         return summary(state, bench.kind, out)

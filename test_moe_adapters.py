@@ -2669,12 +2669,19 @@ def test_a_run_says_where_it_writes_what_it_runs_and_how_it_ended(small_syntheti
     assert sum(ln.startswith("[synthetic | moe-adapters full] task ") for ln in err) == 4
     assert err[-1] == (f"synthetic | moe-adapters full done: Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  "
                        f"forgetting {summary['forgetting']:.2f}; everything is in {out}")
+    start = time.time()
     mtil = M.main(["--dataset", "synthetic-mtil", "--clip-cache", clip_cache, "--epochs", "1", "--ddas-iters", "5",
                    "--output-dir", str(tmp_path / "mtil")])
+    seconds = time.time() - start
     err = capsys.readouterr().err.splitlines()
     table = f"Transfer {mtil['transfer']:.2f}  Avg {mtil['avg']:.2f}  Last {mtil['last']:.2f}"
-    assert [ln for ln in err if ln.startswith("[synthetic-mtil | moe-adapters] task 4/4")] == [
-        f"[synthetic-mtil | moe-adapters] task 4/4: {table}"]  # the same Avg as the summary and the demo table
+    tasks = [re.fullmatch(r"\[synthetic-mtil \| moe-adapters\] task (\d)/4: (.*)  \((\d+\.\d) s learning, "
+                          r"(\d+\.\d) s evaluating and saving\)", ln) for ln in err if ln.startswith("[")]
+    assert [m.group(1) for m in tasks] == ["1", "2", "3", "4"], err
+    assert tasks[-1].group(2) == table  # the same Avg as the summary and the demo table
+    took = [(float(m.group(3)), float(m.group(4))) for m in tasks]  # each task's time, split in two, within the run's
+    assert all(learning > 0 and evaluating > 0 for learning, evaluating in took)
+    assert sum(map(sum, took)) <= seconds + 0.2, (took, seconds)
 
 
 def test_progress_bars_redraw_at_most_every_30_s_where_stderr_is_no_terminal(monkeypatch):
