@@ -131,7 +131,7 @@ class Config:
     batch_size: int = 128              # training batch size
     eval_batch_size: int = 64          # evaluation batch size
     label_smoothing: float = 0.0       # cross-entropy label smoothing
-    extra_step: bool = True            # quirk Q17: run one step more than an epoch (the last at lr 0), as the authors
+    extra_step: bool = True            # quirk Q17: an extra step per task (at lr 0) and autoencoder, as the authors
     amp: bool = False                  # bf16 autocast on CUDA (the authors run fp32)
     compile: bool = False              # torch.compile the training forward (and backward) and the test images' forward
     # run
@@ -720,7 +720,7 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # the loader's batches, epoch after epoch
     name = "reference autoencoder" if slot >= selector.n_tasks else f"DDAS autoencoder {slot + 1}"
-    for step in progress(range(iters + 1), name):
+    for step in progress(range(iters + int(cfg.extra_step)), name):  # + 1: quirk Q17 (--no-extra-step: none)
         if cfg.ddas_step_lr:
             opt.param_groups[0]["lr"] = cfg.ddas_lr * 0.1 ** (step // epoch_batches // 10)
         f = selector.features(next(batches)[0].to(device))
@@ -929,8 +929,9 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
 
     def text_for(route, tasks):
         store = text.setdefault(route, clip_text if route is None and clip_text is not None else {})
+        fresh = cfg.eval_noise and route is not None  # quirk Q1: the authors encode the prompts (new noise) per batch
         for task in tasks:
-            if task not in store:
+            if task not in store or fresh:
                 store[task] = class_embeddings(model, bench, route, device, cfg, [task])
                 stats["eval_prompts"] += (bench.splits[task][1] - bench.splits[task][0]) * len(bench.templates[task])
         return torch.cat([store[task] for task in tasks])

@@ -343,6 +343,20 @@ def test_gate_eval_noise_quirk_adds_noise_in_eval_without_counting_usage():
     assert int(a.usage.sum()) == 0
 
 
+def test_eval_noise_encodes_the_class_prompts_anew_for_each_test_batch(small_synthetic):
+    """Quirk Q1 as the authors run it: with --eval-noise each test batch encodes its routed class prompts again, under
+    new router noise; without it, a (router, task) pair's prompts are encoded once per evaluation."""
+    encoded = {}
+    for noise in (False, True):
+        cfg = tiny_cfg(eval_noise=noise, eval_batch_size=16)  # preset cil: one shared router, 8 classes a task
+        model, bench = new_model_and_bench(cfg)
+        stats = {"eval_images": 0, "eval_prompts": 0}
+        M.evaluate(model, cfg, bench, 0, CPU, stats=stats)
+        assert stats["eval_images"] == 2 * 8 * SMALL_TEST_PER_CLASS  # tasks 0 and 1 (look-ahead): 3 batches each
+        encoded[noise] = stats["eval_prompts"]
+    assert encoded == {False: 8 + 8, True: 3 * 8 + 3 * (8 + 8)}  # task 1's batches: the classes of tasks 0 and 1
+
+
 def test_gate_usage_counts_k_per_routed_sample_in_training_only():
     a = gate_adapter()
     a.eval()
@@ -1835,6 +1849,10 @@ def test_ddas_autoencoder_reproduces_the_authors_step_schedule(monkeypatch):
     M.fit_selector(M.TaskSelector(tiny_cfg(preset="full", ddas_features="clip", ddas_step_lr=False), adapted, 4),
                    tiny_cfg(preset="full", ddas_features="clip", ddas_step_lr=False), loader, 0, CPU, 30, 2)
     assert lrs == [0.01] * 31  # --no-ddas-step-lr: constant
+    lrs.clear()
+    no_extra = tiny_cfg(preset="full", ddas_features="clip", extra_step=False)
+    M.fit_selector(M.TaskSelector(no_extra, adapted, 4), no_extra, loader, 0, CPU, 30, 2)
+    assert len(lrs) == 30  # --no-extra-step: no extra step for the autoencoders either (quirk Q17)
     few = lambda **kw: M.resolve_config(dict(dataset="mtil", clip_weights="random", shots=5, **kw))
     assert few().ddas_lr == 0.003 and few(ddas_lr=0.02).ddas_lr == 0.02  # the authors' few-shot rate, unless given
 
