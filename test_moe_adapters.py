@@ -2873,7 +2873,18 @@ BENCH_TARGETS = {  # key: (bound, "max" or "min")
     "mixture_speedup_triton_vs_batched_22": (1.0, "min"),
     # host work, the same on every device: aten operations one call dispatches (the adapted forward with --moe-impl
     # auto, the training step with 22 experts)
-    "train_step_ops": (4000, "max"), "ops_ratio_adapted_vs_frozen_forward": (1.5, "max")}
+    "train_step_ops": (4000, "max"), "ops_ratio_adapted_vs_frozen_forward": (1.5, "max"),
+    # the same for the GPU path (triton), counted on a machine without a GPU (see NoLaunch)
+    "train_step_ops_triton": (4000, "max"), "ops_ratio_triton_vs_frozen_forward": (1.5, "max")}
+
+
+class NoLaunch:
+    """Stands for the fused kernel on a machine without a GPU: kernel[grid](...) launches nothing. A launch is no
+    aten operation, so the triton path then dispatches what it dispatches on a GPU (its outputs stay unwritten:
+    for counting only)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 class CountOps(TorchDispatchMode):
@@ -2958,8 +2969,8 @@ def bench(argv: list) -> dict:
 
     compiled = torch.compile(M.task_logits) if cfg.compile else M.task_logits  # as train_task
 
-    def step(experts, batch=B, logits_of=compiled):
-        use(experts, auto, True)
+    def step(experts, batch=B, logits_of=compiled, impl=auto):
+        use(experts, impl, True)
         M.train_step(model, opts[experts], cfg, images[:batch], y[:batch], tokens, 0, logits_of)
 
     model.eval()
@@ -2974,6 +2985,15 @@ def bench(argv: list) -> dict:
     ops = {"frozen_forward": ops_of(lambda: forward(None, M.encode_images)),  # counted on the eager code
            "adapted_forward": ops_of(lambda: forward(auto, M.encode_images)),
            "train_step": ops_of(lambda: step(22, B, M.task_logits))}
+    if auto == "triton":
+        ops |= {"adapted_forward_triton": ops["adapted_forward"], "train_step_triton": ops["train_step"]}
+    elif M.triton is not None:  # no GPU: the GPU path's operations with a launch that does nothing (then the
+        kernel, M.fused_mixture_kernel = M.fused_mixture_kernel, NoLaunch()  # adapters hold garbage: counted last)
+        try:
+            ops |= {"adapted_forward_triton": ops_of(lambda: forward("triton", M.encode_images)),
+                    "train_step_triton": ops_of(lambda: step(22, B, M.task_logits, "triton"))}
+        finally:
+            M.fused_mixture_kernel = kernel
     d, L, h = model.visual.transformer.width, model.visual.positional_embedding.shape[0], cfg.bottleneck
     x, idx = torch.randn(L, B, d, generator=gen), torch.randn(B, 22, generator=gen).topk(cfg.top_k, dim=1).indices
     w = torch.softmax(torch.randn(B, cfg.top_k, generator=gen), 1)
@@ -2990,6 +3010,9 @@ def bench(argv: list) -> dict:
               "host_ms": host, "ops": ops,
               "train_step_ops": ops["train_step"],
               "ops_ratio_adapted_vs_frozen_forward": ops["adapted_forward"] / ops["frozen_forward"],
+              "train_step_ops_triton": ops.get("train_step_triton"),
+              "ops_ratio_triton_vs_frozen_forward": ops["adapted_forward_triton"] / ops["frozen_forward"]
+              if "adapted_forward_triton" in ops else None,
               "forward_ratio_adapted_vs_frozen": ratio(f"adapted_forward_{auto}", "frozen_forward"),
               "step_ratio_22_vs_2_experts": ratio("train_step_22_experts", "train_step_2_experts")} | {
         f"mixture_speedup_{a}_vs_{b}_22": ratio(f"mixture_22_experts_{b}", f"mixture_22_experts_{a}")
@@ -3037,10 +3060,19 @@ def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path, mon
     assert set(host) == set(ms) - {"mixture_22_experts_loop", "mixture_22_experts_batched"}
     assert all(0 < host[k] <= ms[k] for k in host), (host, ms)
     ops = b["ops"]
-    assert set(ops) == {"frozen_forward", "adapted_forward", "train_step"}
+    assert set(ops) == {"frozen_forward", "adapted_forward", "train_step"} | (
+        {"adapted_forward_triton", "train_step_triton"} if M.triton is not None else set())
     assert 0 < ops["frozen_forward"] < ops["adapted_forward"] < ops["train_step"] == b["train_step_ops"], ops
     assert b["ops_ratio_adapted_vs_frozen_forward"] == pytest.approx(ops["adapted_forward"] / ops["frozen_forward"])
     assert b["targets_met"]["train_step_ops"] == (ops["train_step"] <= 4000)
+    if M.triton is not None:  # the GPU path, its launch left out: fewer operations than batched, forward and step
+        assert ops["frozen_forward"] < ops["adapted_forward_triton"] < ops["adapted_forward"], ops
+        assert ops["adapted_forward_triton"] < ops["train_step_triton"] < ops["train_step"], ops
+        assert b["train_step_ops_triton"] == ops["train_step_triton"]
+        assert b["ops_ratio_triton_vs_frozen_forward"] == pytest.approx(
+            ops["adapted_forward_triton"] / ops["frozen_forward"])
+        assert b["targets_met"]["train_step_ops_triton"] == (ops["train_step_triton"] <= 4000)
+        assert M.fused_mixture_kernel.__class__ is not NoLaunch  # the kernel is back
     assert f"{ops['train_step']}" in stdout
     for key in ("forward_ratio_adapted_vs_frozen", "step_ratio_22_vs_2_experts", "mixture_speedup_batched_vs_loop_22"):
         assert key in stdout and f"{b[key]:.2f}" in stdout  # the printed table has the same numbers
