@@ -131,7 +131,7 @@ class Config:
     batch_size: int = 128              # training batch size
     eval_batch_size: int = 64          # evaluation batch size
     label_smoothing: float = 0.0       # cross-entropy label smoothing
-    extra_step: bool = True            # quirk Q17: an extra step per task (at lr 0) and autoencoder, as the authors
+    extra_step: bool = True            # quirk Q17: an extra step per task and autoencoder, as the authors
     amp: bool = False                  # bf16 autocast on CUDA (the authors run fp32)
     compile: bool = False              # torch.compile the training forward (and backward) and the test images' forward
     # run
@@ -711,7 +711,7 @@ def alexnet_conv5(cfg: Config) -> nn.Module:
 
 def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device, iters: int | None = None,
                  epoch_batches: int | None = None) -> None:
-    """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps of the
+    """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps (Q17) of the
     loader's augmented batches, features extracted as they come, lr = ddas_lr 0.1^(e // 10) with e = step //
     epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15; --no-ddas-step-lr:
     constant). Then tau_slot = the --ddas-quantile quantile of its errors on (up to 4,096 of) its images."""
@@ -921,17 +921,17 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
              stats: dict | None = None, clip_text: dict | None = None):
     """Row t of the accuracy matrix (percent), each task's number of test images, and where they were sent (counts
     per destination [CLIP, router 0, router 1, ...]). A (router, task) pair's class prompts are encoded when an
-    image first needs them, once per evaluation; the untouched CLIP's are kept in `clip_text` (task -> embeddings)
-    across evaluations and in the checkpoint. `stats` counts the images and the prompts of the run."""
+    image first needs them, once per evaluation (--eval-noise: per batch); the untouched CLIP's are kept in
+    `clip_text` (task -> embeddings) across evaluations and in the checkpoint. `stats` counts images and prompts."""
     model.eval()
     text = {}  # router (None: the untouched CLIP) -> task -> class embeddings of that task's classes
     stats = {"eval_images": 0, "eval_prompts": 0} if stats is None else stats
 
     def text_for(route, tasks):
         store = text.setdefault(route, clip_text if route is None and clip_text is not None else {})
-        fresh = cfg.eval_noise and route is not None  # quirk Q1: the authors encode the prompts (new noise) per batch
+        fresh = cfg.eval_noise and route is not None and bench.kind == "cil"  # quirk Q1 of the authors' CIL code:
         for task in tasks:
-            if task not in store or fresh:
+            if task not in store or fresh:  # the prompts encoded anew (new noise) for each batch
                 store[task] = class_embeddings(model, bench, route, device, cfg, [task])
                 stats["eval_prompts"] += (bench.splits[task][1] - bench.splits[task][0]) * len(bench.templates[task])
         return torch.cat([store[task] for task in tasks])

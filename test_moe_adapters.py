@@ -347,14 +347,17 @@ def test_eval_noise_encodes_the_class_prompts_anew_for_each_test_batch(small_syn
     """Quirk Q1 as the authors run it: with --eval-noise each test batch encodes its routed class prompts again, under
     new router noise; without it, a (router, task) pair's prompts are encoded once per evaluation."""
     encoded = {}
-    for noise in (False, True):
-        cfg = tiny_cfg(eval_noise=noise, eval_batch_size=16)  # preset cil: one shared router, 8 classes a task
+    for preset, noise in itertools.product(("cil", "full"), (False, True)):
+        cfg = tiny_cfg(preset=preset, ddas=False, eval_noise=noise, eval_batch_size=16)  # 8 classes a task
         model, bench = new_model_and_bench(cfg)
         stats = {"eval_images": 0, "eval_prompts": 0}
         M.evaluate(model, cfg, bench, 0, CPU, stats=stats)
         assert stats["eval_images"] == 2 * 8 * SMALL_TEST_PER_CLASS  # tasks 0 and 1 (look-ahead): 3 batches each
-        encoded[noise] = stats["eval_prompts"]
-    assert encoded == {False: 8 + 8, True: 3 * 8 + 3 * (8 + 8)}  # task 1's batches: the classes of tasks 0 and 1
+        encoded[preset, noise] = stats["eval_prompts"]
+    # cil: one shared router; task 1's batches need the classes of tasks 0 and 1
+    assert encoded["cil", False] == 8 + 8 and encoded["cil", True] == 3 * 8 + 3 * (8 + 8)
+    # full: per-task routers; task 1 is not learned yet, so its images go to the untouched CLIP, encoded once
+    assert encoded["full", False] == 8 + 16 and encoded["full", True] == 3 * 8 + 16
 
 
 def test_gate_usage_counts_k_per_routed_sample_in_training_only():
@@ -2698,8 +2701,8 @@ def test_a_run_says_where_it_writes_what_it_runs_and_how_it_ended(small_syntheti
     assert [m.group(1) for m in tasks] == ["1", "2", "3", "4"], err
     assert tasks[-1].group(2) == table  # the same Avg as the summary and the demo table
     took = [(float(m.group(3)), float(m.group(4))) for m in tasks]  # each task's time, split in two, within the run's
-    assert all(learning > 0 and evaluating > 0 for learning, evaluating in took)
-    assert sum(map(sum, took)) <= seconds + 0.2, (took, seconds)
+    assert min(map(min, took)) >= 0 and sum(learning for learning, _ in took) > 0 and sum(e for _, e in took) > 0
+    assert sum(map(sum, took)) <= seconds + 0.05 * 2 * len(took), (took, seconds)  # each rounded to 0.1 s
 
 
 def test_progress_bars_redraw_at_most_every_30_s_where_stderr_is_no_terminal(monkeypatch):
@@ -2874,7 +2877,7 @@ BENCH_TARGETS = {  # key: (bound, "max" or "min")
     # host work, the same on every device: aten operations one call dispatches (the adapted forward with --moe-impl
     # auto, the training step with 22 experts)
     "train_step_ops": (4000, "max"), "ops_ratio_adapted_vs_frozen_forward": (1.5, "max"),
-    # the same for the GPU path (triton), counted on a machine without a GPU (see NoLaunch)
+    # the same for the GPU path (triton), counted where triton is installed, on a machine without a GPU too (NoLaunch)
     "train_step_ops_triton": (4000, "max"), "ops_ratio_triton_vs_frozen_forward": (1.5, "max")}
 
 
@@ -2985,10 +2988,10 @@ def bench(argv: list) -> dict:
     ops = {"frozen_forward": ops_of(lambda: forward(None, M.encode_images)),  # counted on the eager code
            "adapted_forward": ops_of(lambda: forward(auto, M.encode_images)),
            "train_step": ops_of(lambda: step(22, B, M.task_logits))}
-    if auto == "triton":
-        ops |= {"adapted_forward_triton": ops["adapted_forward"], "train_step_triton": ops["train_step"]}
-    elif M.triton is not None:  # no GPU: the GPU path's operations with a launch that does nothing (then the
-        kernel, M.fused_mixture_kernel = M.fused_mixture_kernel, NoLaunch()  # adapters hold garbage: counted last)
+    if M.triton is not None and (device.type != "cuda" or M.kernel_gpu(device)):  # the GPU path: on a machine
+        kernel = M.fused_mixture_kernel  # without a GPU with a launch that does nothing (the adapters then hold
+        if device.type != "cuda":        # garbage: counted last)
+            M.fused_mixture_kernel = NoLaunch()
         try:
             ops |= {"adapted_forward_triton": ops_of(lambda: forward("triton", M.encode_images)),
                     "train_step_triton": ops_of(lambda: step(22, B, M.task_logits, "triton"))}
@@ -3022,9 +3025,9 @@ def bench(argv: list) -> dict:
     lines = [f"{'what (' + result['device'] + ', batch ' + str(B) + ')':<44}{'ms':>10}"]
     lines += [f"{k:<44}{v:>10.2f}" for k, v in ms.items()] + [f"{k + ' (host)':<44}{v:>10.2f}" for k, v in host.items()]
     lines += [f"{k + ' (aten ops)':<44}{v:>10}" for k, v in ops.items()]
-    lines += [
-        f"{k:<44}{'n/a (no CUDA)' if result[k] is None else format(result[k], '.2f'):>10}   target "
-        f"{'<=' if how == 'max' else '>='} {v}" for k, (v, how) in BENCH_TARGETS.items()]
+    why = lambda k: "n/a (no triton)" if "ops" in k else "n/a (no CUDA)"  # a figure that could not be measured
+    lines += [f"{k:<44}{why(k) if result[k] is None else format(result[k], '.2f'):>10}   target "
+              f"{'<=' if how == 'max' else '>='} {v}" for k, (v, how) in BENCH_TARGETS.items()]
     print("\n".join(lines))
     os.makedirs(out, exist_ok=True)
     M.atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=1) + "\n")
