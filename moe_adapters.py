@@ -1305,13 +1305,13 @@ def load_tinyimagenet(cfg: Config, resolution: int) -> Benchmark:
 # -- MTIL: 11 data sets through torchvision (spec 9.1) --------------------------------------------
 MTIL_TEMPLATES = {  # spec 9.3, '; '-separated: training uses the first, evaluation averages all
     'Aircraft': 'a photo of a {}, a type of aircraft.; a photo of the {}, a type of aircraft.',
-    'Caltech101': 'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a {}.; a '
-        'tattoo of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in a video game.; a '
-        'plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; a doodle of a {}.; a photo '
-        'of the {}.; a painting of the {}.; the plastic {}.; a sculpture of the {}.; a sketch of the {}.; a tattoo of '
-        'the {}.; the toy {}.; a rendition of the {}.; the embroidered {}.; the cartoon {}.; the {} in a video game.; '
-        'the plushie {}.; the origami {}.; art of the {}.; graffiti of the {}.; a drawing of the {}.; a doodle of the '
-        '{}.',
+    'Caltech101': 'a photo of a {}.; a painting of a {}.; a plastic {}.; a sculpture of a {}.; a sketch of a '
+        '{}.; a tattoo of a {}.; a toy {}.; a rendition of a {}.; a embroidered {}.; a cartoon {}.; a {} in '
+        'a video game.; a plushie {}.; a origami {}.; art of a {}.; graffiti of a {}.; a drawing of a {}.; a '
+        'doodle of a {}.; a photo of the {}.; a painting of the {}.; the plastic {}.; a sculpture of the '
+        '{}.; a sketch of the {}.; a tattoo of the {}.; the toy {}.; a rendition of the {}.; the embroidered '
+        '{}.; the cartoon {}.; the {} in a video game.; the plushie {}.; the origami {}.; art of the {}.; '
+        'graffiti of the {}.; a drawing of the {}.; a doodle of the {}.',
     'CIFAR100': 'a photo of a {}.; a blurry photo of a {}.; a black and white photo of a {}.; a low contrast photo of '
         'a {}.; a high contrast photo of a {}.; a bad photo of a {}.; a good photo of a {}.; a photo of a small {}.; a '
         'photo of a big {}.; a photo of the {}.; a blurry photo of the {}.; a black and white photo of the {}.; a low '
