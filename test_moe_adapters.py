@@ -664,6 +664,26 @@ def test_learning_rate_warmup_then_cosine_to_zero_at_the_extra_step():
     assert M.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)  # the authors' extra step (quirk Q17)
 
 
+def test_train_task_gives_each_step_its_learning_rate_and_each_data_set_its_own(small_synthetic, monkeypatch):
+    """train_task sets lr_at(step) before every AdamW step, the extra step at 0, from --lr or, under --dataset-lr,
+    from the task's own rate (MTIL, spec 5.2)."""
+    cfg = tiny_cfg(warmup=2, batch_size=32, epochs=1)  # 8 classes x 12 images a task: 3 steps, then the extra one
+    model, bench = new_model_and_bench(cfg)
+    lrs, real_step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    M.train_task(model, cfg, bench, 0, CPU)
+    assert lrs == [cfg.lr / 2, cfg.lr, cfg.lr, pytest.approx(0.0, abs=1e-12)]  # warm-up, cosine, the extra step
+    lrs.clear()
+    bench.lrs = [0.5, 0.25, 0.125, 0.0625]
+    M.train_task(model, dataclasses.replace(cfg, dataset_lr=True), bench, 1, CPU)
+    assert lrs == [0.125, 0.25, 0.25, pytest.approx(0.0, abs=1e-12)]  # task 1's own rate
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. Trainable parameter counts (dry run)
 # ------------------------------------------------------------------------------------------------
@@ -900,24 +920,30 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, flag):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [
+@pytest.mark.parametrize("argv", [  # values that failed late (after a model and the data were loaded) before BOUNDS
     ["--seed", "-1"],             # np.random.seed rejects it: ValueError
-    ["--workers", "-1"],          # DataLoader rejects it after a model and the data are loaded: ValueError
+    ["--workers", "-1"],          # DataLoader rejects it: ValueError
     ["--freeze-top", "-1"],       # torch.topk(-1) after the first task has trained: RuntimeError
-    ["--lr", "nan"],              # 'nan <= 0' is False, so validate lets it through; AdamW raises ValueError
+    ["--lr", "nan"],              # 'nan <= 0' is False; AdamW raises ValueError
     ["--weight-decay", "nan"],    # 'nan < 0' is False likewise; AdamW raises ValueError
 ], ids=["seed", "workers", "freeze-top", "lr-nan", "weight-decay-nan"])
 def test_unvalidated_arguments_exit_2_with_one_line(capsys, tmp_path, small_synthetic, argv):
-    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", str(tmp_path / "out")] + argv)
+    out = tmp_path / "out"
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", str(out)] + argv, f"{argv[0]} must be in",
+                       f"got {argv[1]}")
+    assert not out.exists()  # refused up front, before any work
 
 
 @pytest.mark.parametrize("dataset", ["cifar100", "tinyimagenet"])
 def test_missing_data_without_download_exits_2(capsys, tmp_path, dataset):
     empty = tmp_path / "empty"
     empty.mkdir()
+    name, folder = {"cifar100": ("CIFAR100", "cifar-100-python"), "tinyimagenet": ("TinyImageNet",
+                                                                                   "tiny-imagenet-200")}[dataset]
     assert_usage_error(capsys, ["--dataset", dataset, "--data-root", str(empty),
-                                "--output-dir", str(tmp_path / "out")] + TINY)
-    assert os.listdir(empty) == []
+                                "--output-dir", str(tmp_path / "out")] + TINY,
+                       f"{name}: {empty / folder} lacks", "--download" if dataset == "cifar100" else "unpack")
+    assert os.listdir(empty) == [] and not (tmp_path / "out").exists()  # found before any work
 
 
 def test_existing_run_without_resume_or_overwrite_exits_2_and_changes_nothing(capsys, small_run, tmp_path):
@@ -955,7 +981,8 @@ def test_resume_from_corrupt_checkpoint_exits_2(capsys, small_run, tmp_path, sma
     run_dir = copy_run(small_run[0], tmp_path / "run")
     with open(os.path.join(run_dir, "checkpoint.pt"), "wb") as f:
         f.write(b"PK\x03\x04 this is not a checkpoint")
-    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume"], "checkpoint.pt")
+    assert_usage_error(capsys, SMALL_RUN_ARGS + ["--output-dir", run_dir, "--resume"], "checkpoint.pt",
+                       "is unreadable or corrupt")
     ckpt = torch.load(os.path.join(small_run[0], "checkpoint.pt"), weights_only=True)
     ckpt["config"]["a_setting_gone"] = ckpt["config"].pop("top_k")  # a version with one setting more, one less
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
@@ -1075,8 +1102,21 @@ def test_ddas_autoencoders_route_each_task_to_its_router(clip_cache, tmp_path):
     assert own[0] > 0.6 and own[1] > 0.4, own
 
 
-def test_full_preset_run_records_where_ddas_sent_each_task(small_run):
+def test_full_preset_run_records_where_ddas_sent_each_task(small_run, small_synthetic):
     out, summary = small_run
+    cfg = M.saved_run({"output_dir": out}, "--predict")[0]  # the final row, recomputed: DDAS picks each image's
+    model, bench = new_model_and_bench(cfg)                  # router, which classifies it among all 32 classes
+    selector = M.TaskSelector(cfg, model, 4)
+    M.load_checkpoint(os.path.join(out, "checkpoint.pt"), model, cfg, selector)
+    model.eval()
+    for j in range(4):
+        items = [bench.test[i] for i in bench.subset("test", j).indices]
+        x, y = torch.stack([im for im, _ in items]), torch.tensor([label for _, label in items])
+        with torch.no_grad():
+            r = selector.select(x)
+            logits = M.classify(model, cfg, x, r, lambda q: M.class_embeddings(model, bench, q, CPU, cfg))
+        assert summary["routes"]["destinations"][j] == torch.bincount(r + 1, minlength=5).tolist(), j
+        assert summary["accuracy_matrix"][3][j] == pytest.approx(100.0 * float((logits.argmax(1) == y).float().mean()))
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))[:-1]
     assert all(r["routing"].startswith("per-task routers chosen per image by DDAS") for r in rows)
     for t, r in enumerate(rows):
@@ -1131,8 +1171,16 @@ def test_synthetic_mtil_run_scores_each_domain_among_its_own_classes(clip_cache,
     rows = read_jsonl(str(tmp_path / "moe" / "metrics.jsonl"))
     assert set(rows[-1]) == {"transfer", "avg", "last", "eval_images", "eval_prompts"}
     assert rows[0]["routing"].startswith("per-task routers chosen per image by DDAS")
-    chance = 100 / 8
-    assert min(A[0]) > chance / 2  # own-class (8-way) accuracies, not among all 32 classes
+    cfg = M.resolve_config(dict(dataset="synthetic-mtil", clip_cache=clip_cache, method="zeroshot"))
+    model, bench = M.load_clip(cfg), M.load_benchmark(cfg, 32)  # each domain's 8-way zero-shot accuracy, by hand
+    for j, (lo, hi) in enumerate(bench.splits):
+        items = [bench.test[i] for i in bench.subset("test", j).indices]
+        x, y = torch.stack([im for im, _ in items]), torch.tensor([label for _, label in items])
+        with torch.no_grad():
+            img = F.normalize(model.encode_image(x), dim=-1)
+        own = M.class_embeddings(model, bench, None, CPU, cfg, [j])  # its 8 classes, its 5 templates averaged
+        assert own.shape[0] == hi - lo == 8
+        assert A[0][j] == pytest.approx(100.0 * float(((img @ own.T).argmax(1) + lo == y).float().mean())), j
 
 
 def test_rendering_styles_differ_but_photo_is_the_class_incremental_world():
@@ -1398,11 +1446,16 @@ def test_alexnet_features_from_a_weights_file_and_a_corrupt_one(tmp_path, capsys
     images, _ = sample_inputs()
     f = sel.features(images)
     assert f.shape == (6, 256) and bool(((f > 0) & (f < 1)).all())  # conv5 at 32 px is 256x1x1, through a sigmoid
+    net = torchvision.models.alexnet(weights=None)  # the file's weights, conv5 before its ReLU (features[:-2])
+    net.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        expected = torch.sigmoid(net.eval().features[:11](images).flatten(1))  # conv1 ... conv5, not its ReLU
+    assert torch.allclose(f, expected, atol=1e-6) and bool((f < 0.5).any())  # negative conv5 values kept
     assert not any(k.startswith("extractor") for k in sel.state_dict())  # AlexNet is frozen and not saved
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a state dict")
     cfg_bad = tiny_cfg(preset="full", ddas_features="alexnet", ddas_weights=str(bad))
-    with pytest.raises(M.UsageError, match="ddas-weights"):
+    with pytest.raises(M.UsageError, match="is not an AlexNet state dict"):
         M.TaskSelector(cfg_bad, adapted, 4)
 
 
@@ -2116,10 +2169,32 @@ def test_amp_keeps_the_frozen_clip_in_bf16_so_autocast_casts_none_of_its_weights
     assert moved and all(".moe." in n for n in moved), moved
 
 
-def test_a_training_step_reads_nothing_back_to_the_host():
+class HostReads(Dispatched):
+    """Records the dispatched operations that read values back to the host (on a GPU: wait for it): .item(),
+    nonzero, those whose output size depends on the values, and indexing with a boolean mask."""
+
+    def __init__(self):
+        aten = torch.ops.aten
+        super().__init__(aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                         aten.bincount.default, aten._unique2.default, aten.unique_consecutive.default,
+                         aten.unique_dim.default, aten.repeat_interleave.Tensor)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
+        if func in indexing and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.seen.append((str(func), id(args[0])))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
     """With `batched` (and the kernel, which shares its host code) a training step (forward, loss, backward, AdamW,
     the restore of the fixed rows) never waits for the device, so a GPU's next step can be queued while it runs.
     (The loop asks which samples chose each expert, and so does wait.)"""
+    copied = []  # .tolist() and .numpy() read values without dispatching an operation
+    for method in ("tolist", "numpy"):
+        real = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda t, *a, real=real, method=method, **k: copied.append(method)
+                            or real(t, *a, **k))
     cfg = tiny_cfg(preset="full")
     _, model = tiny_adapted_clip(cfg)
     randomise_adapters(model)
@@ -2131,10 +2206,10 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     for impl, waits in (("batched", False), ("loop", True)):
         for a in M.adapters(model):
             a.impl = impl
-        # the operations that read a value back to the host (on a GPU: wait for it)
-        with Dispatched(torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) as reads:
+        copied.clear()
+        with HostReads() as reads:
             M.train_step(model, opt, cfg, images, torch.tensor([0, 1, 2, 3, 4, 0]), tokens, 1)
-        assert bool(reads.seen) == waits, (impl, reads.seen[:5])
+        assert bool(reads.seen) == waits and not copied, (impl, reads.seen[:5], copied)
 
 
 def test_compiled_training_and_evaluation_equal_the_eager_ones_bitwise(small_synthetic, monkeypatch):
@@ -2511,6 +2586,25 @@ def test_every_run_draws_its_matrix_and_curve_and_runs_without_matplotlib(small_
     assert err.count("matplotlib is not installed") == 1 and "pip install matplotlib" in err
     assert len(summary["accuracy_matrix"]) == 4 and not list((tmp_path / "plain").glob("*.png"))
     M.warn_once.cache_clear()
+
+
+def test_the_pictures_show_the_accuracy_matrix_and_the_curves_measured_and_reported(tmp_path, monkeypatch):
+    import matplotlib.axes
+    shown, plotted = [], []
+    imshow, plot = matplotlib.axes.Axes.imshow, matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda ax, X, *a, **k: shown.append(X) or imshow(ax, X, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: plotted.append(a) or plot(ax, *a, **k))
+    matrix = [[float(10 * i + j) if j <= i + 1 else None for j in range(10)] for i in range(10)]  # after task i, j
+    rows = [{"acc": 90.0 - i} for i in range(10)]
+    cfg = M.resolve_config(dict(dataset="cifar100", clip_weights="random"))  # 10 tasks: the authors' curve exists
+    M.write_pictures(str(tmp_path), {"matrix": matrix, "rows": rows}, cfg, [f"task {j}" for j in range(10)])
+    expected = np.array([[np.nan if a is None else a for a in row] for row in matrix])
+    assert len(shown) == 1 and np.array_equal(np.asarray(shown[0]), expected, equal_nan=True)
+    (x, y, _), (x_reported, y_reported, _) = plotted
+    assert list(x) == list(range(1, 11)) and list(y) == [r["acc"] for r in rows]
+    assert list(x_reported) == list(range(1, 11))
+    assert list(y_reported) == [float(a) for a in M.REPORTED_CURVES[("cifar100", 10)].split()]
+    assert {p.name for p in tmp_path.glob("*.png")} == {"accuracy_matrix.png", "accuracy_curve.png"}
 
 
 def test_reported_curves_are_the_authors_per_step_accuracies():
