@@ -529,6 +529,17 @@ def test_whole_model_loop_equals_batched():
     with torch.no_grad():
         plain_like = M.encode_images(batched, images, torch.full((6,), -1))
     assert not torch.allclose(fb, plain_like, atol=1e-3)  # the experts matter
+    grads = []  # and in training (no dropout): a step's loss and every adapter gradient, both towers
+    for model in (loop, batched):
+        for a in M.adapters(model):
+            a.p = 0.0
+        model.train()
+        torch.manual_seed(0)  # the same router noise
+        F.cross_entropy(M.task_logits(model, images, tokens, 1), torch.tensor([0, 1, 2, 3, 4, 0])).backward()
+        grads.append([p.grad for a in M.adapters(model) for p in a.parameters()])
+    for g_loop, g_batched in zip(*grads):
+        assert torch.allclose(g_loop, g_batched, rtol=1e-4, atol=1e-6)
+    assert any(bool(g.abs().sum() > 0) for g in grads[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1950,9 +1961,12 @@ def test_ddas_reference_trains_on_tinyimagenet_or_the_pretraining_classes(fake_m
         ref = bench.reference[i][0]
         torch.manual_seed(i)
         assert torch.equal(ref, bench.train[i][0])
-    few = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=root, ddas_reference=True, shots=5))
+    seven = str(tmp_path / "seven")  # few-shot: the reference takes the first 5 of each class's 7 training images
+    write_fake_tiny_imagenet(seven, list(M.TINYIMAGENET_NAMES), train_per_class=7, val_per_class=1, size=8)
+    few = M.resolve_config(dict(dataset="mtil", clip_weights="random", data_root=seven, ddas_reference=True, shots=5))
     images, full = M.reference_images(few, 32)
-    assert full == 200 and len(images) == 200  # the fake has one image per class: all of them are among the 5
+    labels = [images.dataset.ds.targets[i] for i in images.indices]
+    assert full == 1400 and len(images) == 1000 and np.bincount(labels).tolist() == [5] * 200
     out = M.main(["--dataset", "mtil", "--dry-run", "--clip-weights", "random", "--ddas-reference"])
     assert out["ddas_autoencoders"] == 104_353_968  # 12 autoencoders of 8,696,164 (spec 2.5)
     # a synthetic run: the reference (slot 4) is trained on the tiny CLIP's pretraining classes before task 0
@@ -2267,7 +2281,7 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_in_one_line(capsys
                        "--no-compile")
     assert not out.exists()
     M.resolve_config(vars(M.build_parser().parse_args(FAST + ["--device", "cpu"])))  # (validated) eager needs none
-    M.main(FAST + ["--compile", "--device", "cpu", "--dry-run"])
+    assert M.main(FAST + ["--compile", "--device", "cpu", "--dry-run"])["config"]["compile"] is True
     run_dir = copy_run(small_run[0], tmp_path / "run")  # a run trained with --compile (on a GPU, say)
     saved = json.loads(open(os.path.join(run_dir, "config.json")).read()) | {"compile": True}
     with open(os.path.join(run_dir, "config.json"), "w") as f:
