@@ -3049,7 +3049,8 @@ def bench(argv: list) -> dict:
     cfg = dataclasses.replace(cfg, routers="per-task")
     impls = ["loop", "batched"] + (["triton"] if M.triton is not None and device.type == "cuda" else [])
     auto = M.resolve_impl(dataclasses.replace(cfg, moe_impl="auto"))
-    model = M.add_moe_adapters(M.load_clip(cfg), cfg).to(device)
+    # built as a run builds it (under --amp the frozen CLIP in bf16), with MoEBlocks whatever the method
+    model = M.build_model(dataclasses.replace(cfg, ddas=False, method="moe-adapters"), 1, device)[0]
     B, C, gen = cfg.batch_size, 10, torch.Generator().manual_seed(cfg.seed)  # C: the classes of a CIFAR-100 task
     images = torch.randn(B, 3, model.visual.input_resolution, model.visual.input_resolution, generator=gen).to(device)
     tokens = M.tokenize([cfg.prompt.format(f"class number {i}") for i in range(C)], device)
@@ -3147,11 +3148,14 @@ def test_bench_writes_every_figure_and_ratios_consistent_with_them(tmp_path, mon
     argv = ["--clip-model", "tiny", "--clip-weights", "random", "--dataset", "synthetic", "--batch-size", "4",
             "--device", "cpu", "--output-dir", str(out)]
     modes, gate = set(), M.MoEAdapter.gate  # the forward is timed in evaluation mode, the step in training mode
+    built, build_model = [], M.build_model  # the model is built as a run builds it (under --amp: a bf16 frozen CLIP)
+    monkeypatch.setattr(M, "build_model", lambda *a: built.append(a) or build_model(*a))
     monkeypatch.setattr(M.MoEAdapter, "gate", lambda self, *a: modes.add((torch.is_grad_enabled(), self.training))
                         or gate(self, *a))
     bench(argv)
     stdout = capsys.readouterr().out
     assert modes == {(False, False), (True, True)}, modes
+    assert len(built) == 1 and built[0][0].clip_model == "tiny"
     b = json.loads((out / "bench.json").read_text())
     ms = b["ms"]
     expected = {"frozen_forward", "adapted_forward_loop", "adapted_forward_batched", "train_step_22_experts",
