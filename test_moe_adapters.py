@@ -675,18 +675,24 @@ def test_learning_rate_warmup_then_cosine_to_zero_at_the_extra_step():
     assert M.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)  # the authors' extra step (quirk Q17)
 
 
-def test_train_task_gives_each_step_its_learning_rate_and_each_data_set_its_own(small_synthetic, monkeypatch):
-    """train_task sets lr_at(step) before every AdamW step, the extra step at 0, from --lr or, under --dataset-lr,
-    from the task's own rate (MTIL, spec 5.2)."""
-    cfg = tiny_cfg(warmup=2, batch_size=32, epochs=1)  # 8 classes x 12 images a task: 3 steps, then the extra one
-    model, bench = new_model_and_bench(cfg)
-    lrs, real_step = [], torch.optim.AdamW.step
+def learning_rates_of(optimizer: type, monkeypatch) -> list:
+    """The learning rate of every step an optimizer of this class takes from now on (the list fills as they run)."""
+    lrs, real_step = [], optimizer.step
 
     def recording_step(self, *a, **k):
         lrs.append(self.param_groups[0]["lr"])
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(optimizer, "step", recording_step)
+    return lrs
+
+
+def test_train_task_gives_each_step_its_learning_rate_and_each_data_set_its_own(small_synthetic, monkeypatch):
+    """train_task sets lr_at(step) before every AdamW step, the extra step at 0, from --lr or, under --dataset-lr,
+    from the task's own rate (MTIL, spec 5.2)."""
+    cfg = tiny_cfg(warmup=2, batch_size=32, epochs=1)  # 8 classes x 12 images a task: 3 steps, then the extra one
+    model, bench = new_model_and_bench(cfg)
+    lrs = learning_rates_of(torch.optim.AdamW, monkeypatch)
     M.train_task(model, cfg, bench, 0, CPU)
     assert lrs == [cfg.lr / 2, cfg.lr, cfg.lr, pytest.approx(0.0, abs=1e-12)]  # warm-up, cosine, the extra step
     lrs.clear()
@@ -1889,13 +1895,7 @@ def test_ddas_autoencoder_reproduces_the_authors_step_schedule(monkeypatch):
     images, _ = sample_inputs(n_images=6)
     data = torch.utils.data.TensorDataset(images.repeat(3, 1, 1, 1), torch.zeros(18, dtype=torch.long))
     loader = torch.utils.data.DataLoader(data, batch_size=4)  # 5 batches per pass; no shuffling: the same batches
-    lrs, real_step = [], torch.optim.Adam.step
-
-    def recording_step(self, *a, **k):
-        lrs.append(self.param_groups[0]["lr"])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    lrs = learning_rates_of(torch.optim.Adam, monkeypatch)
     sel = M.TaskSelector(cfg, adapted, 4)
     start = copy.deepcopy(sel.autoencoders[0].state_dict())
     M.fit_selector(sel, cfg, loader, 0, CPU, iters=300, epoch_batches=16)
