@@ -742,7 +742,8 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
 def fit_autoencoder(selector: TaskSelector, cfg: Config, images, slot: int, device, iters: int,
                     epoch_batches: int) -> None:
     """fit_selector on shuffled batches of 64 of the images (spec 4.2)."""
-    loader = torch.utils.data.DataLoader(images, batch_size=64, shuffle=True, num_workers=cfg.workers)
+    loader = torch.utils.data.DataLoader(images, batch_size=64, shuffle=True, num_workers=cfg.workers,
+                                         persistent_workers=cfg.workers > 0)  # workers started once, not per epoch
     fit_selector(selector, cfg, loader, slot, device, iters, epoch_batches)
 
 
@@ -1616,8 +1617,7 @@ def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dic
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        model.logit_scale.data.clamp_(0, math.log(100))
     torch.set_rng_state(rng_state)
     state = model.state_dict()
     try:
