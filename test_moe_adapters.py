@@ -2633,11 +2633,10 @@ def test_the_pictures_show_the_accuracy_matrix_and_the_curves_measured_and_repor
     cfg = M.resolve_config(dict(dataset="cifar100", clip_weights="random"))  # 10 tasks: the authors' curve exists
     M.write_pictures(str(tmp_path), {"matrix": matrix, "rows": rows}, cfg, [f"task {j}" for j in range(10)])
     expected = np.array([[np.nan if a is None else a for a in row] for row in matrix])
-    assert len(shown) == 1 and np.array_equal(np.asarray(shown[0]), expected, equal_nan=True)
-    (x, y, _), (x_reported, y_reported, _) = plotted
-    assert list(x) == list(range(1, 11)) and list(y) == [r["acc"] for r in rows]
-    assert list(x_reported) == list(range(1, 11))
-    assert list(y_reported) == [float(a) for a in M.REPORTED_CURVES[("cifar100", 10)].split()]
+    assert any(np.array_equal(np.asarray(X, dtype=float), expected, equal_nan=True) for X in shown), shown
+    curves = [(list(a[0]), list(a[1])) for a in plotted if len(a) >= 2]  # (x, y) of each line drawn
+    assert (list(range(1, 11)), [r["acc"] for r in rows]) in curves  # the run's, measured
+    assert (list(range(1, 11)), [float(a) for a in M.REPORTED_CURVES[("cifar100", 10)].split()]) in curves
     assert {p.name for p in tmp_path.glob("*.png")} == {"accuracy_matrix.png", "accuracy_curve.png"}
 
 
