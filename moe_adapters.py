@@ -17,7 +17,7 @@ mixture runs as a readable loop, as batched matrix products, or as one fused Tri
 The method comes first, in the paper's order: config, CLIP backbone, experts and routers, the mixture, DDAS,
 training one task, evaluation and metrics; then the data, checkpoints, the task loop, the command line and modes.
 
-    python moe_adapters.py                                   # offline demo (--demo), ~3 min on 2 CPU cores
+    python moe_adapters.py                                   # offline demo (--demo), ~2 min on 2 CPU cores
     python moe_adapters.py --dataset cifar100 --tasks 10     # the paper's setting (GPU, internet)
     python moe_adapters.py --dataset mtil --order I          # MTIL, the 11 data sets under --data-root
     python moe_adapters.py --resume --output-dir RUN         # continue a stopped run
@@ -73,7 +73,7 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------------
 # Config: one dataclass of every knob with the paper's values as defaults, and the presets as dicts
-# of overrides. The command line is generated from the dataclass (at the end of the file).
+# of overrides. The command line is generated from the dataclass (near the end of the file).
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -489,7 +489,7 @@ FUSED_MAX_HIDDEN = 256        # k * bottleneck hidden units the kernel holds per
 
 def fused_tiles(hidden: int, itemsize: int) -> tuple[int, int]:
     """(BLOCK_L tokens per program, BLOCK_D model columns per tl.dot) for `hidden` padded hidden units: a weight tile
-    within 16 KB keeps the kernel's shared memory (50-100 KB compiled for sm_75/80/86) on GPUs from the T4 on."""
+    within 16 KB keeps the kernel's shared memory (24-53 KB compiled for sm_70-90) on GPUs from the V100 on."""
     bd = 64
     while itemsize * hidden * bd > 16384 and bd > 16:
         bd //= 2
@@ -627,7 +627,7 @@ MIXTURES = {"loop": mixture_loop, "batched": mixture_batched, "triton": mixture_
 
 
 def resolve_impl(cfg: Config) -> str:
-    """auto: the fused kernel on a CUDA GPU of compute capability 7.0 on, with triton; else (or --compile) batched."""
+    """auto: the fused kernel on CUDA (capability >= 7.0, triton, k*r <= 256); else (or --compile) batched."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     fits = cfg.top_k * cfg.bottleneck <= FUSED_MAX_HIDDEN
@@ -714,7 +714,7 @@ def fit_selector(selector: TaskSelector, cfg: Config, loader, slot: int, device,
     """Train autoencoder `slot` as the authors do (spec 4.2): Adam, weight decay 1e-4, iters + 1 steps (Q17) of the
     loader's augmented batches, features extracted as they come, lr = ddas_lr 0.1^(e // 10) with e = step //
     epoch_batches, the batches of one epoch of the task's full training loader (quirk Q15; --no-ddas-step-lr:
-    constant). Then tau_slot = the --ddas-quantile quantile of its errors on (up to 4,096 of) its images."""
+    constant). Then tau_slot = the --ddas-quantile quantile of its errors on (about 4,096 of) its images."""
     iters, epoch_batches = iters or cfg.ddas_iters, epoch_batches or len(loader)
     ae = selector.autoencoders[slot].train()
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ddas_lr, weight_decay=1e-4)
@@ -748,7 +748,7 @@ def fit_autoencoder(selector: TaskSelector, cfg: Config, images, slot: int, devi
 
 
 # ------------------------------------------------------------------------------------------------
-# Training one task (spec 5.1): AdamW over the unfrozen experts and the task's router, linear
+# Training one task (spec 5.1): AdamW over the adapters (fixed rows put back each step), linear
 # warm-up then cosine, cross-entropy over the current task's classes, activate-freeze at the end.
 # ------------------------------------------------------------------------------------------------
 
@@ -819,7 +819,7 @@ def train_task(model: nn.Module, cfg: Config, bench: Benchmark, task: int, devic
     for step in bar:
         x, y = next(data)
         opt.param_groups[0]["lr"] = lr_at(step, steps, cfg.warmup, base_lr)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - lo  # from pinned memory: no wait
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - lo  # labels 0..C_t-1 (spec 5.1)
         loss = train_step(model, opt, cfg, x, y, tokens, router, logits_of)
         if not bool(torch.isfinite(loss)):  # (one host sync per step) the adapters are lost: stop, keep the checkpoint
             raise UsageError(f"the training loss became {loss.item()} at step {step + 1} of task {task + 1} (lr "
@@ -873,7 +873,7 @@ def task_prompts(bench: Benchmark, task: int) -> tuple:
     return tuple(tpl.format(name) for name in bench.class_names[lo:hi] for tpl in templates)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def prompt_tokens(prompts: tuple, context: int) -> list:
     """The prompts tokenized in chunks of 256, once per run: the BPE tokenizer is slower than the tiny text tower."""
     return [tokenize(list(prompts[i:i + 256]), "cpu", context) for i in range(0, len(prompts), 256)]
@@ -922,7 +922,7 @@ def evaluate(model, cfg: Config, bench: Benchmark, t: int, device, selector: Tas
              stats: dict | None = None, clip_text: dict | None = None):
     """Row t of the accuracy matrix (percent), each task's number of test images, and where they were sent (counts
     per destination [CLIP, router 0, router 1, ...]). A (router, task) pair's class prompts are encoded when an
-    image first needs them, once per evaluation (--eval-noise: per batch); the untouched CLIP's are kept in
+    image first needs them, once per evaluation (CIL --eval-noise: per batch); the untouched CLIP's are kept in
     `clip_text` (task -> embeddings) across evaluations and in the checkpoint. `stats` counts images and prompts."""
     model.eval()
     text = {}  # router (None: the untouched CLIP) -> task -> class embeddings of that task's classes
@@ -1587,7 +1587,7 @@ def load_synthetic(cfg: Config) -> Benchmark:
 
 
 def pretrained_tiny_clip(cfg: Config, steps: int = 500, batch: int = 128) -> dict:
-    """Contrastive pretraining of the tiny CLIP on the pretraining half of the synthetic world, cached
+    """Contrastive pretraining of the tiny CLIP on the 20 pretraining classes of the synthetic world, cached
     under --clip-cache: images against captions of their pair and of their colour and shape alone."""
     path = os.path.join(cfg.clip_cache, f"tiny-clip-synthetic-v2-{steps}x{batch}.pt")
     if os.path.isfile(path):
@@ -1717,8 +1717,8 @@ def preflight(cfg: Config) -> Benchmark:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints and the output folder: after each task, atomically, only the trainable state (experts,
-# routers, frozen sets, usage counts), the metrics so far, the config and the RNG states, loaded with
+# Checkpoints and the output folder: after each task, atomically, the adapters' state (experts, routers,
+# frozen sets, usage), DDAS, CLIP's class texts, classes, metrics, config and RNG states, loaded with
 # weights_only=True. A folder that holds a run is never written into without --resume or --overwrite.
 # ------------------------------------------------------------------------------------------------
 
@@ -2125,7 +2125,7 @@ def dry_run(cfg: Config) -> dict:
     if cfg.method != "zeroshot":
         add_moe_adapters(model, cfg)
     table = parameter_table(model)
-    if cfg.ddas:  # counted apart from the trainable adapters, as the paper does
+    if cfg.ddas:  # counted apart from the adapters (the paper's own accounting is unknown: spec 2.5)
         g = ((model.visual.input_resolution + 4 - 11) // 4 + 1 - 3) // 2 + 1  # AlexNet conv1 (k11 s4 p2), pool 3/2
         g = (g - 3) // 2 + 1                                                  # conv2 keeps the size, max-pool 3/2
         dim = 256 * g * g if cfg.ddas_features == "alexnet" else model.text_projection.shape[1]
@@ -2210,7 +2210,7 @@ def predict(args: dict, paths: list) -> dict:
     """--predict IMAGE ... --output-dir RUN: route and classify each image as the run's evaluation would (DDAS
     per image, or per batch of these images with --ddas-per-batch; else the run's router) among the classes the
     run has learned (MTIL: the chosen task's; the untouched CLIP: all learned ones). Prints each image's route
-    and top 5, writes RUN/predictions.jsonl and returns {"predictions": [{"image", "route", "top5"}, ...]}."""
+    and top 5, writes RUN/predictions.jsonl and returns {"predictions": [{"image", "route", "router", "top5"}, ...]}."""
     from PIL import Image
     cfg, ckpt = saved_run(args, "--predict")
     out, problems, images = cfg.output_dir, [], []
