@@ -185,7 +185,7 @@ def resolve_config(args: dict) -> Config:
     values = dataclasses.asdict(Config())
     ds = given.get("dataset", values["dataset"])
     values.update(DATASET_DEFAULTS[ds])
-    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's; update keeps it
+    values["preset"] = preset = given.pop("preset", "") or values["preset"]  # "": the data set's (popped: kept)
     values.update(PRESETS[preset])
     if ds.startswith("synthetic"):
         values.update(SYNTHETIC_SCHEDULE)
@@ -1750,9 +1750,9 @@ def run_identity(cfg: Config) -> dict:
 
 def rng_states() -> dict:
     np_state, py_state = np.random.get_state(), random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized()
-            else [], "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else []  # this process's GPU, if it has one
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
 
 
 def set_rng_states(s: dict) -> None:
@@ -2254,8 +2254,8 @@ def predict(args: dict, paths: list) -> dict:
             text = class_embeddings(model, bench, None if q < 0 else q, device, cfg, tasks)
             top = torch.softmax(model.logit_scale.exp() * f @ text.T, dim=0).topk(min(5, len(text)))
             names = [n for k in tasks for n in bench.class_names[slice(*bench.splits[k])]]
-            where = "untouched CLIP" if q < 0 else "the shared router" if cfg.routers == "shared" else \
-                f"router of task {q}" + (f" ({bench.task_names[q]})" if bench.task_names else "")
+            task = f"router of task {q}" + (f" ({bench.task_names[q]})" if bench.task_names else "")
+            where = "untouched CLIP" if q < 0 else "the shared router" if cfg.routers == "shared" else task
             predictions.append({"image": path, "route": where, "router": None if q < 0 else q,
                                 "top5": [[names[i], round(float(p), 4)] for p, i in zip(top.values, top.indices)]})
             print(f"{path}: {where}: " + ", ".join(f"{n} {p:.3f}" for n, p in predictions[-1]["top5"]))
