@@ -1701,7 +1701,7 @@ def missing_weights(cfg: Config, fetch: bool) -> list:
 def preflight(cfg: Config) -> Benchmark:
     """Everything a run needs from disk or the network, before any work: the data sets (loaded here, and
     downloaded with --download), the CLIP weights and DDAS's AlexNet weights. Every missing item is named in
-    one error, each with its fix; downloads are tried only when nothing else is missing."""
+    one error, each with its fix; data sets download once none is missing, weights once nothing else is."""
     problems, bench = missing_data(cfg), None
     if not problems:
         try:
