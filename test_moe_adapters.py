@@ -239,6 +239,21 @@ def new_model_and_bench(cfg: M.Config):
     return model, M.load_benchmark(cfg, model.visual.input_resolution)
 
 
+def task_test_images(bench: M.Benchmark, task: int) -> tuple:
+    """(images [n, 3, H, W], labels [n]) of a task's test images, in the benchmark's order."""
+    items = [bench.test[i] for i in bench.subset("test", task).indices]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def trained_run(run_dir: str) -> tuple:
+    """(config, model, benchmark, DDAS selector) of a saved run, as --predict builds them, in evaluation mode."""
+    cfg = M.saved_run({"output_dir": run_dir}, "--predict")[0]
+    model, bench = new_model_and_bench(cfg)
+    selector = M.TaskSelector(cfg, model, len(bench.splits))
+    M.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, cfg, selector)
+    return cfg, model.eval(), bench, selector
+
+
 def assert_usage_error(capsys, argv, *fragments) -> str:
     """main(argv) must exit with code 2 and print exactly one line 'moe_adapters.py: error: ...' on stderr."""
     capsys.readouterr()
@@ -630,8 +645,7 @@ def test_evaluate_follows_the_class_incremental_protocol(small_synthetic, tmp_pa
     prompts = [cfg.prompt.format(n) for n in bench.class_names]
     tokens = M.tokenize(prompts, "cpu")
     for j, (lo, hi) in enumerate(bench.splits):
-        items = [bench.test[i] for i in bench.subset("test", j).indices]
-        x, y = torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items])
+        x, y = task_test_images(bench, j)
         assert ((y >= lo) & (y < hi)).all()
         route = j if j <= 1 else -1
         with torch.no_grad():
@@ -1144,14 +1158,9 @@ def test_ddas_autoencoders_route_each_task_to_its_router(clip_cache, tmp_path):
 
 def test_full_preset_run_records_where_ddas_sent_each_task(small_run, small_synthetic):
     out, summary = small_run
-    cfg = M.saved_run({"output_dir": out}, "--predict")[0]  # the final row, recomputed: DDAS picks each image's
-    model, bench = new_model_and_bench(cfg)                  # router, which classifies it among all 32 classes
-    selector = M.TaskSelector(cfg, model, 4)
-    M.load_checkpoint(os.path.join(out, "checkpoint.pt"), model, cfg, selector)
-    model.eval()
-    for j in range(4):
-        items = [bench.test[i] for i in bench.subset("test", j).indices]
-        x, y = torch.stack([im for im, _ in items]), torch.tensor([label for _, label in items])
+    cfg, model, bench, selector = trained_run(out)  # the final row, recomputed: DDAS picks each image's router,
+    for j in range(4):                              # which classifies it among all 32 classes
+        x, y = task_test_images(bench, j)
         with torch.no_grad():
             r = selector.select(x)
             logits = M.classify(model, cfg, x, r, lambda q: M.class_embeddings(model, bench, q, CPU, cfg))
@@ -1214,8 +1223,7 @@ def test_synthetic_mtil_run_scores_each_domain_among_its_own_classes(clip_cache,
     cfg = M.resolve_config(dict(dataset="synthetic-mtil", clip_cache=clip_cache, method="zeroshot"))
     model, bench = M.load_clip(cfg), M.load_benchmark(cfg, 32)  # each domain's 8-way zero-shot accuracy, by hand
     for j, (lo, hi) in enumerate(bench.splits):
-        items = [bench.test[i] for i in bench.subset("test", j).indices]
-        x, y = torch.stack([im for im, _ in items]), torch.tensor([label for _, label in items])
+        x, y = task_test_images(bench, j)
         with torch.no_grad():
             img = F.normalize(model.encode_image(x), dim=-1)
         own = M.class_embeddings(model, bench, None, CPU, cfg, [j])  # its 8 classes, its 5 templates averaged
@@ -1436,8 +1444,7 @@ def test_ddas_sends_learned_domains_to_their_router_and_unseen_domains_to_clip(c
                        t, CPU)
     rates = []
     for j in range(4):
-        x = torch.stack([bench.test[i][0] for i in bench.subset("test", j).indices])
-        r = sel.select(x)
+        r = sel.select(task_test_images(bench, j)[0])
         rates.append(float((r == (j if j < 2 else -1)).float().mean()))
     print("DDAS rates (own, own, clip, clip):", rates)
     assert rates[0] > 0.75 and rates[1] > 0.75, rates
@@ -2548,11 +2555,7 @@ def save_png(img: torch.Tensor, path) -> torch.Tensor:
 def test_predict_routes_and_classifies_saved_images_as_evaluate_does(small_run, small_synthetic, tmp_path, capsys):
     run_dir = copy_run(small_run[0], tmp_path / "run")
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    cfg = M.saved_run({"output_dir": run_dir}, "--predict")[0]
-    model, bench = new_model_and_bench(cfg)
-    selector = M.TaskSelector(cfg, model, 4)
-    M.load_checkpoint(ckpt_path, model, cfg, selector)
-    model.eval()
+    cfg, model, bench, selector = trained_run(run_dir)
     files, xs = [], []
     for j in range(4):  # two test images of every task, through 8-bit PNG files
         for i in bench.subset("test", j).indices[:2]:
